@@ -1,0 +1,5 @@
+"""``python -m mqfleet`` runs the CLI."""
+
+from mqfleet.cli import main
+
+main()

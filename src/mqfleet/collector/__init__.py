@@ -1,0 +1,1 @@
+"""The mqfleet collector: subscribes to the fleet and persists it."""

@@ -1,0 +1,170 @@
+"""The one seam between mqfleet and MQTT client libraries.
+
+Agent and CLI use aiomqtt (asyncio); the collector uses paho-mqtt directly because it
+needs manual acknowledgement (a QoS 1 PUBACK only after the row is committed), which
+aiomqtt does not expose. Both get their options here, so TCP_NODELAY, TLS, protocol
+version and credentials are decided once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import aiomqtt
+from paho.mqtt.client import CallbackAPIVersion, Client
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from mqfleet.errors import AuthenticationError, BrokerError
+
+if TYPE_CHECKING:
+    from mqfleet.settings import Settings
+
+__all__ = [
+    "AUTH_FAILURE_CODES",
+    "Backoff",
+    "aiomqtt_client",
+    "as_broker_error",
+    "connect_properties",
+    "paho_client",
+    "set_nodelay",
+]
+
+log = logging.getLogger(__name__)
+
+#: CONNACK codes meaning "your credentials are wrong": MQTT 3.1.1 (4, 5) and MQTT 5
+#: (134 bad user name or password, 135 not authorized, 138 banned). Reconnecting
+#: with the same credentials cannot succeed, so we stop instead (as Home Assistant does).
+AUTH_FAILURE_CODES: Final = frozenset({4, 5, 134, 135, 138})
+
+#: Nagle's algorithm plus delayed ACK cost 88 ms per command round trip where 1 ms is
+#: possible (measured on these machines): every client socket disables it.
+NODELAY_OPTION: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _protocol(settings: Settings) -> MQTTProtocolVersion:
+    return (
+        MQTTProtocolVersion.MQTTv5 if settings.mqtt_version == "5" else MQTTProtocolVersion.MQTTv311
+    )
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS context for ``mqtts://`` URLs (hostname checked), else None."""
+    if not settings.broker.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    if settings.cert_file is not None:
+        ctx.load_cert_chain(
+            str(settings.cert_file), str(settings.key_file) if settings.key_file else None
+        )
+    return ctx
+
+
+def connect_properties(
+    settings: Settings, *, session_expiry_s: int = 0, receive_maximum: int | None = None
+) -> Properties | None:
+    """MQTT 5 CONNECT properties (None on MQTT 3.1.1)."""
+    if settings.mqtt_version != "5":
+        return None
+    props = Properties(PacketTypes.CONNECT)
+    if session_expiry_s:
+        props.SessionExpiryInterval = session_expiry_s
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
+    return props
+
+
+def aiomqtt_client(
+    settings: Settings,
+    *,
+    identifier: str,
+    will: aiomqtt.Will | None = None,
+    clean_start: bool = True,
+    session_expiry_s: int = 0,
+    timeout_s: float = 10.0,
+) -> aiomqtt.Client:
+    """An aiomqtt client configured from ``settings`` (credentials, TLS, version)."""
+    broker = settings.broker
+    v5 = settings.mqtt_version == "5"
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username=broker.username,
+        password=broker.password,
+        identifier=identifier,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        will=will,
+        clean_session=None if v5 else clean_start,
+        clean_start=clean_start if v5 else 3,  # 3 == MQTT_CLEAN_START_FIRST_ONLY, unused on 3.1.1
+        keepalive=settings.keepalive_s,
+        properties=connect_properties(settings, session_expiry_s=session_expiry_s),
+        tls_context=tls_context(settings),
+        socket_options=[NODELAY_OPTION],
+        timeout=timeout_s,
+        logger=logging.getLogger("mqfleet.mqtt"),
+    )
+
+
+def paho_client(settings: Settings, *, client_id: str, manual_ack: bool = False) -> Client:
+    """A paho-mqtt client configured from ``settings``; call :func:`set_nodelay` on connect."""
+    broker = settings.broker
+    v5 = settings.mqtt_version == "5"
+    client = Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=_protocol(settings),
+        clean_session=None if v5 else False,
+        manual_ack=manual_ack,
+        reconnect_on_failure=True,
+    )
+    client.enable_logger(logging.getLogger("mqfleet.mqtt"))
+    if broker.username is not None:
+        client.username_pw_set(broker.username, broker.password)
+    ctx = tls_context(settings)
+    if ctx is not None:
+        client.tls_set_context(ctx)
+    return client
+
+
+def set_nodelay(client: Client) -> None:
+    """Disable Nagle's algorithm on a connected paho client's socket."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(*NODELAY_OPTION)
+
+
+def as_broker_error(exc: Exception, settings: Settings) -> BrokerError:
+    """Translate a client library exception into our tree (auth failures apart)."""
+    rc = getattr(exc, "rc", None)
+    code = getattr(rc, "value", rc)
+    if isinstance(code, int) and code in AUTH_FAILURE_CODES:
+        return AuthenticationError(f"broker {settings.broker} refused the credentials: {exc}")
+    return BrokerError(f"cannot reach broker {settings.broker}: {exc}")
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter (as aiomqtt's examples recommend)."""
+
+    initial_s: float = 0.5
+    maximum_s: float = 30.0
+    factor: float = 2.0
+    attempt: int = 0
+    _rng: random.Random = field(default_factory=random.Random, repr=False)
+
+    def next_delay(self) -> float:
+        """Delay before the next attempt; grows until :meth:`reset`."""
+        ceiling = min(self.maximum_s, self.initial_s * self.factor**self.attempt)
+        self.attempt += 1
+        # Jitter in [ceiling/2, ceiling]: spreads reconnect storms yet never retries at once.
+        return ceiling / 2 + self._rng.random() * ceiling / 2
+
+    def reset(self) -> None:
+        """Start again from the initial delay (after a successful connection)."""
+        self.attempt = 0
