@@ -64,7 +64,8 @@ class UnknownNodeError(MqfleetError):
 
     def __init__(self, node_ids: list[str]) -> None:
         """Bind the unknown node ids."""
-        super().__init__("unknown node" + ("s" if len(node_ids) > 1 else "") + ": " + ", ".join(node_ids))
+        plural = "s" if len(node_ids) > 1 else ""
+        super().__init__(f"unknown node{plural}: {', '.join(node_ids)}")
         self.node_ids = node_ids
 
 

@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, Self
 
 from mqfleet.errors import BrokerError
 
@@ -38,7 +38,7 @@ _CONFIG_NAME: Final = "mosquitto.conf"
 
 
 def find_broker_config() -> Path:
-    """The shipped ``broker/mosquitto.conf`` (``$MQFLEET_BROKER_CONF`` overrides)."""
+    """Return the shipped ``broker/mosquitto.conf`` (``$MQFLEET_BROKER_CONF`` overrides)."""
     env = os.environ.get("MQFLEET_BROKER_CONF")
     candidates = [Path(env)] if env else []
     here = Path(__file__).resolve().parent
@@ -50,18 +50,20 @@ def find_broker_config() -> Path:
     raise BrokerError("cannot find broker/mosquitto.conf; set MQFLEET_BROKER_CONF to its path")
 
 
-def render_local_config(template: str, *, port: int, data_dir: Path, host: str = "127.0.0.1") -> str:
+def render_local_config(
+    template: str, *, port: int, data_dir: Path, host: str = "127.0.0.1"
+) -> str:
     """Rewrite the shipped config for a private broker on ``host:port`` in ``data_dir``."""
+    replacements = {
+        "listener": f"listener {port} {host}",
+        "persistence_location": f"persistence_location {data_dir}/",
+        "pid_file": f"pid_file {data_dir / 'mosquitto.pid'}",
+    }
     lines = []
     for line in template.splitlines():
-        key = line.split(maxsplit=1)[0] if line.strip() and not line.lstrip().startswith("#") else ""
-        if key == "listener":
-            line = f"listener {port} {host}"
-        elif key == "persistence_location":
-            line = f"persistence_location {data_dir}/"
-        elif key == "pid_file":
-            line = f"pid_file {data_dir / 'mosquitto.pid'}"
-        lines.append(line)
+        stripped = line.strip()
+        key = stripped.split(maxsplit=1)[0] if stripped and not stripped.startswith("#") else ""
+        lines.append(replacements.get(key, line))
     if os.geteuid() == 0:
         # Mosquitto 2 started as root drops to user "mosquitto", which cannot write a
         # data dir owned by root: keep root for a private, loopback-only broker.
@@ -70,7 +72,7 @@ def render_local_config(template: str, *, port: int, data_dir: Path, host: str =
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """Return a TCP port that is free on ``host`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -166,11 +168,11 @@ class LocalBroker:
         self.start()
 
     def log_text(self) -> str:
-        """What mosquitto has logged so far."""
+        """Return what mosquitto has logged so far."""
         path = self.log_file or self.data_dir / "mosquitto.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def __enter__(self) -> LocalBroker:
+    def __enter__(self) -> Self:
         """Start on entry."""
         self.start()
         return self

@@ -62,7 +62,7 @@ def default_data_dir() -> Path:
 
 
 def default_config_file() -> Path:
-    """The config file used when neither ``--config`` nor ``$MQFLEET_CONFIG`` is set."""
+    """Return the config file used when neither ``--config`` nor ``$MQFLEET_CONFIG`` is set."""
     from platformdirs import user_config_path  # noqa: PLC0415 - keep CLI start-up lean
 
     return user_config_path(APP_NAME, appauthor=False) / "config.toml"
@@ -205,7 +205,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - no .env files
         file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - not used
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (init) > environment > TOML config file > defaults."""
+        """Order the sources: flags (init) > environment > TOML config file > defaults."""
         path = _config_file.get()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if path is not None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import aiomqtt
-from paho.mqtt.client import CallbackAPIVersion, Client
-from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.client import Client
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -72,7 +72,8 @@ def connect_properties(
     """MQTT 5 CONNECT properties (None on MQTT 3.1.1)."""
     if settings.mqtt_version != "5":
         return None
-    props = Properties(PacketTypes.CONNECT)
+    # paho's Properties has no annotations; the packet type is all it takes.
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     if session_expiry_s:
         props.SessionExpiryInterval = session_expiry_s
     if receive_maximum is not None:
@@ -89,7 +90,7 @@ def aiomqtt_client(
     session_expiry_s: int = 0,
     timeout_s: float = 10.0,
 ) -> aiomqtt.Client:
-    """An aiomqtt client configured from ``settings`` (credentials, TLS, version)."""
+    """Build an aiomqtt client from ``settings`` (credentials, TLS, version)."""
     broker = settings.broker
     v5 = settings.mqtt_version == "5"
     return aiomqtt.Client(
@@ -112,7 +113,7 @@ def aiomqtt_client(
 
 
 def paho_client(settings: Settings, *, client_id: str, manual_ack: bool = False) -> Client:
-    """A paho-mqtt client configured from ``settings``; call :func:`set_nodelay` on connect."""
+    """Build a paho-mqtt client from ``settings``; call :func:`set_nodelay` on connect."""
     broker = settings.broker
     v5 = settings.mqtt_version == "5"
     client = Client(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 from mqfleet.errors import ProtocolError
 
@@ -129,5 +129,6 @@ class Topics:
                 return ParsedTopic("result", node_id, _validate_command_id(command_id))
         except ProtocolError as exc:
             raise ProtocolError(str(exc), topic=topic) from exc
-        kind: TopicKind = match["kind"]
+        # The regex only lets status|metrics|commands through here.
+        kind = cast("TopicKind", match["kind"])
         return ParsedTopic(kind, node_id)
