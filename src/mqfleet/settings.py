@@ -27,7 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from mqfleet.errors import ConfigError
+from mqfleet.errors import ConfigError, ProtocolError
 from mqfleet.protocol import DEFAULT_PREFIX, NODE_ID_PATTERN, Topics
 
 if TYPE_CHECKING:
@@ -78,6 +78,11 @@ def _default_node_id() -> str:
     return name or "node"
 
 
+def _redact(url: str) -> str:
+    # Error messages end up in logs and terminals: never echo a password.
+    return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
     """A parsed broker URL: ``mqtt[s]://[user[:password]@]host[:port]``."""
@@ -91,18 +96,23 @@ class BrokerAddress:
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
         """Parse a broker URL; raise :class:`ConfigError` with a one-line reason."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # e.g. an unbalanced "[" in an IPv6 host
+            raise ConfigError(f"broker URL is malformed: {_redact(url)!r}") from exc
         if parts.scheme not in {"mqtt", "mqtts"}:
-            raise ConfigError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
+            raise ConfigError(
+                f"broker URL must start with mqtt:// or mqtts://, got {_redact(url)!r}"
+            )
         if not parts.hostname:
-            raise ConfigError(f"broker URL has no host: {url!r}")
+            raise ConfigError(f"broker URL has no host: {_redact(url)!r}")
         if parts.path not in {"", "/"} or parts.query or parts.fragment:
-            raise ConfigError(f"broker URL must not have a path or query: {url!r}")
+            raise ConfigError(f"broker URL must not have a path or query: {_redact(url)!r}")
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port or (8883 if tls else 1883)
         except ValueError as exc:
-            raise ConfigError(f"broker URL has an invalid port: {url!r}") from exc
+            raise ConfigError(f"broker URL has an invalid port: {_redact(url)!r}") from exc
         return cls(
             host=parts.hostname,
             port=port,
@@ -114,7 +124,8 @@ class BrokerAddress:
     def __str__(self) -> str:
         """Render without the password, for logs and messages."""
         user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
 
 
 class Settings(BaseSettings):
@@ -165,13 +176,19 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _broker_url_parses(cls, value: str) -> str:
-        BrokerAddress.parse(value)
+        try:
+            BrokerAddress.parse(value)
+        except ConfigError as exc:  # pydantic only collects ValueErrors
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("topic_prefix")
     @classmethod
     def _prefix_is_valid(cls, value: str) -> str:
-        return Topics(value).prefix
+        try:
+            return Topics(value).prefix
+        except ProtocolError as exc:  # pydantic only collects ValueErrors
+            raise ValueError(str(exc)) from None
 
     @field_validator("node_id")
     @classmethod
@@ -245,14 +262,15 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     """
     flags: Mapping[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     # MQFLEET_CONFIG names the file; it is not a setting itself.
-    token = _config_file.set(_resolve_config_file(config_file))
+    path = _resolve_config_file(config_file)
+    token = _config_file.set(path)
     saved = os.environ.pop("MQFLEET_CONFIG", None)
     try:
         return Settings(**flags)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
     except (OSError, ValueError) as exc:  # unreadable or malformed TOML
-        raise ConfigError(f"cannot read config file: {exc}") from exc
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     finally:
         if saved is not None:
             os.environ["MQFLEET_CONFIG"] = saved

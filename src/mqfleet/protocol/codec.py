@@ -66,7 +66,9 @@ def _one_line(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False)[:3]:
         where = ".".join(str(p) for p in err["loc"]) or "payload"
-        parts.append(f"{where}: {err['msg']}")
+        # Messages may quote the offending input: keep the line one line, and short.
+        msg = truncate_for_log(" ".join(str(err["msg"]).split()), 120)
+        parts.append(f"{truncate_for_log(where, 80)}: {msg}")
     more = exc.error_count() - len(parts)
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 

@@ -65,7 +65,11 @@ UtcDatetime = Annotated[
 ]
 NodeId = Annotated[str, Field(pattern=f"^{NODE_ID_PATTERN}$")]
 CommandId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-Percent = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
+# Numbers and flags are strict: "12.5" or "true" in a JSON string is a producer bug to
+# refuse, not to coerce. (A JSON integer is still a valid float.)
+Percent = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, strict=True)]
+Session = Annotated[int, Field(ge=1, strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
 ShortText = Annotated[str, Field(max_length=255)]
 
 
@@ -83,13 +87,13 @@ class StatusReport(_Payload):
     node_id: NodeId
     status: NodeStatus
     #: Strictly increases on every new connection of the node, across agent restarts.
-    session: Annotated[int, Field(ge=1)]
+    session: Session
     ts: UtcDatetime | None = None
     hostname: Annotated[str, Field(max_length=255)] | None = None
     ip_address: Annotated[str, Field(max_length=45)] | None = None
     os_info: ShortText | None = None
     agent_version: Annotated[str, Field(max_length=64)] | None = None
-    interval_s: Annotated[float, Field(gt=0, le=86400)] | None = None
+    interval_s: Annotated[float, Field(gt=0, le=86400, strict=True)] | None = None
     reason: ShortText | None = None
 
     @model_validator(mode="after")
@@ -106,14 +110,14 @@ class MetricsReport(_Payload):
     """One metrics sample of one node."""
 
     node_id: NodeId
-    session: Annotated[int, Field(ge=1)]
+    session: Session
     #: Increases per session, so gaps and duplicates are visible.
-    seq: Annotated[int, Field(ge=0)]
+    seq: Annotated[int, Field(ge=0, strict=True)]
     ts: UtcDatetime
     cpu_usage: Percent
     memory_usage: Percent
     disk_usage: Percent
-    load_average: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    load_average: Annotated[float, Field(ge=0.0, allow_inf_nan=False, strict=True)]
 
 
 class CollectorStatus(_Payload):
@@ -131,7 +135,7 @@ class CommandRequest(_Payload):
     command_id: CommandId
     node_id: NodeId
     command_text: Annotated[str, Field(min_length=1, max_length=65536)]
-    timeout_s: Annotated[float, Field(gt=0, le=7 * 86400)]
+    timeout_s: Annotated[float, Field(gt=0, le=7 * 86400, strict=True)]
     created_at: UtcDatetime
     expires_at: UtcDatetime
     issuer: Annotated[str, Field(max_length=255)]
@@ -156,12 +160,12 @@ class CommandFinished(_Payload):
     #: None when the command never started (expired, refused, could not be spawned).
     started_at: UtcDatetime | None = None
     completed_at: UtcDatetime
-    exit_code: int | None = None
+    exit_code: Annotated[int, Field(strict=True)] | None = None
     stdout: str = ""
     stderr: str = ""
-    execution_time_ms: Annotated[int, Field(ge=0)] = 0
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
+    execution_time_ms: Annotated[int, Field(ge=0, strict=True)] = 0
+    stdout_truncated: Flag = False
+    stderr_truncated: Flag = False
     error: Annotated[str, Field(max_length=1024)] | None = None
 
 
