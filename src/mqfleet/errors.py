@@ -10,7 +10,8 @@ Every error mqfleet raises on purpose is a subclass of :class:`MqfleetError`::
     ├── StoreError               the database cannot be reached, read or migrated
     ├── UnknownNodeError         a node id that the fleet has never seen
     ├── UnknownCommandError      a command id that the fleet has never seen
-    └── AgentStateError          the agent's state directory is unusable
+    ├── AgentStateError          the agent's state directory is unusable
+    └── CommandRefusedError      a command failed signature or validity checks on the agent
 
 The CLI maps them to one-line messages and documented exit codes (see ``mqfleet.cli``).
 """
@@ -21,6 +22,7 @@ __all__ = [
     "AgentStateError",
     "AuthenticationError",
     "BrokerError",
+    "CommandRefusedError",
     "ConfigError",
     "MqfleetError",
     "ProtocolError",
@@ -80,3 +82,17 @@ class UnknownCommandError(MqfleetError):
 
 class AgentStateError(MqfleetError):
     """The agent's state directory cannot be created, read or written."""
+
+
+class CommandRefusedError(MqfleetError):
+    """The agent refuses a command: unsigned, forged, altered, expired, replayed or misrouted.
+
+    ``reason`` is a stable machine-readable word (see ``mqfleet.security.signing``); the
+    message is the one-line text reported in the command's result and logged on the node.
+    """
+
+    def __init__(self, message: str, *, reason: str, command_id: str | None = None) -> None:
+        """Bind the one-line message, the reason word and the refused command's id."""
+        super().__init__(message)
+        self.reason = reason
+        self.command_id = command_id

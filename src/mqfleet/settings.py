@@ -165,6 +165,14 @@ class Settings(BaseSettings):
     max_concurrent_commands: int = Field(default=4, ge=1, le=256)
     output_limit_bytes: int = Field(default=64 * 1024, ge=1024, description="per stream")
     kill_grace_s: float = Field(default=5.0, ge=0, description="SIGTERM to SIGKILL grace")
+    operator_public_key_file: Path | None = Field(
+        default=None, description="Ed25519 public key (PEM) that must sign every command"
+    )
+
+    # -- operator (CLI) -------------------------------------------------------------
+    operator_private_key_file: Path | None = Field(
+        default=None, description="Ed25519 private key (PEM, 0600) that signs commands"
+    )
 
     # -- collector ------------------------------------------------------------------
     collector_id: str = Field(default=DEFAULT_COLLECTOR_ID, description="fixed MQTT client id")

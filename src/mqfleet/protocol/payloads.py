@@ -140,6 +140,9 @@ class CommandRequest(_Payload):
     expires_at: UtcDatetime
     issuer: Annotated[str, Field(max_length=255)]
     batch_id: CommandId | None = None
+    #: Operator's Ed25519 signature over the canonical fields (``mqfleet.security.signing``):
+    #: ``<key id>:<base64 signature>``. Omitted on the wire when unsigned.
+    signature: Annotated[str, Field(max_length=256)] | None = None
 
 
 class CommandStarted(_Payload):
