@@ -14,7 +14,7 @@ import os
 import re
 import socket
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import unquote, urlsplit
@@ -91,7 +91,8 @@ class BrokerAddress:
     port: int
     tls: bool
     username: str | None = None
-    password: str | None = None
+    # Kept out of repr(): addresses end up in logs.
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
