@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.client import Client
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from mqfleet.errors import AuthenticationError, BrokerError
 
@@ -32,8 +34,10 @@ __all__ = [
     "aiomqtt_client",
     "as_broker_error",
     "connect_properties",
+    "is_auth_failure",
     "paho_client",
     "set_nodelay",
+    "tls_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 #: (134 bad user name or password, 135 not authorized, 138 banned). Reconnecting
 #: with the same credentials cannot succeed, so we stop instead (as Home Assistant does).
 AUTH_FAILURE_CODES: Final = frozenset({4, 5, 134, 135, 138})
+_AUTH_REASON_CODES: Final = frozenset({134, 135, 138})
+_AUTH_CONNACK_CODES_V311: Final = frozenset({4, 5})
 
 #: Nagle's algorithm plus delayed ACK cost 88 ms per command round trip where 1 ms is
 #: possible (measured on these machines): every client socket disables it.
@@ -140,11 +146,25 @@ def set_nodelay(client: Client) -> None:
         sock.setsockopt(*NODELAY_OPTION)
 
 
+def is_auth_failure(exc: BaseException) -> bool:
+    """Say whether ``exc`` means the broker refused our credentials."""
+    rc = getattr(exc, "rc", None)
+    if isinstance(rc, ReasonCode):
+        # CONNACK/DISCONNECT reason codes use MQTT 5 numbering; paho maps the MQTT 3.1.1
+        # CONNACK return codes 4 and 5 onto 134 and 135 (MQTT 5 spec 3.2.2.2).
+        return rc.value in _AUTH_REASON_CODES
+    # A bare int is a 3.1.1 CONNACK code only on a connect error. Anywhere else it is
+    # paho's MQTTErrorCode, where 4 is MQTT_ERR_NO_CONN: a lost connection, to retry.
+    return (
+        isinstance(exc, MqttConnectError)
+        and isinstance(rc, int)
+        and rc in _AUTH_CONNACK_CODES_V311
+    )
+
+
 def as_broker_error(exc: Exception, settings: Settings) -> BrokerError:
     """Translate a client library exception into our tree (auth failures apart)."""
-    rc = getattr(exc, "rc", None)
-    code = getattr(rc, "value", rc)
-    if isinstance(code, int) and code in AUTH_FAILURE_CODES:
+    if is_auth_failure(exc):
         return AuthenticationError(f"broker {settings.broker} refused the credentials: {exc}")
     return BrokerError(f"cannot reach broker {settings.broker}: {exc}")
 
@@ -161,7 +181,9 @@ class Backoff:
 
     def next_delay(self) -> float:
         """Delay before the next attempt; grows until :meth:`reset`."""
-        ceiling = min(self.maximum_s, self.initial_s * self.factor**self.attempt)
+        # Cap the exponent: factor**attempt overflows a float after ~1000 failed attempts,
+        # which a long outage reaches.
+        ceiling = min(self.maximum_s, self.initial_s * self.factor ** min(self.attempt, 64))
         self.attempt += 1
         # Jitter in [ceiling/2, ceiling]: spreads reconnect storms yet never retries at once.
         return ceiling / 2 + self._rng.random() * ceiling / 2

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+import aiomqtt
+import pytest
+from aiomqtt.exceptions import MqttCodeError, MqttConnectError
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from mqfleet.errors import AuthenticationError, BrokerError
+from mqfleet.transport import (
+    Backoff,
+    aiomqtt_client,
+    as_broker_error,
+    connect_properties,
+    is_auth_failure,
+    paho_client,
+    set_nodelay,
+    tls_context,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mqfleet.localbroker import LocalBroker
+    from mqfleet.settings import Settings
+
+
+# -- Backoff ------------------------------------------------------------------------
+
+
+def test_backoff_grows_within_jittered_bounds_and_caps() -> None:
+    backoff = Backoff(initial_s=0.5, maximum_s=30.0, _rng=random.Random(1))  # noqa: S311 - jitter, not crypto
+    for attempt in range(20):
+        ceiling = min(30.0, 0.5 * 2**attempt)
+        delay = backoff.next_delay()
+        # Never immediate (no reconnect storm), never above the cap.
+        assert ceiling / 2 <= delay <= ceiling
+    assert backoff.attempt == 20
+
+
+def test_backoff_reset_starts_again() -> None:
+    backoff = Backoff(initial_s=1.0, maximum_s=8.0)
+    for _ in range(10):
+        backoff.next_delay()
+    backoff.reset()
+    assert backoff.attempt == 0
+    assert 0.5 <= backoff.next_delay() <= 1.0
+
+
+def test_backoff_jitter_spreads_clients() -> None:
+    rngs = [random.Random(seed) for seed in range(20)]  # noqa: S311 - jitter, not crypto
+    delays = {Backoff(_rng=rng).next_delay() for rng in rngs}
+    assert len(delays) > 10
+
+
+def test_backoff_survives_many_attempts() -> None:
+    # A week of failed reconnects must not overflow the exponent.
+    backoff = Backoff()
+    backoff.attempt = 5000
+    assert 15.0 <= backoff.next_delay() <= 30.0
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+def connack(name: str) -> ReasonCode:
+    return ReasonCode(PacketTypes.CONNACK, name)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        MqttConnectError(connack("Bad user name or password")),
+        MqttConnectError(connack("Not authorized")),
+        MqttConnectError(connack("Banned")),
+        MqttConnectError(5),
+    ],
+)
+def test_auth_failures_are_recognised(
+    make_settings: Callable[..., Settings], exc: Exception
+) -> None:
+    assert is_auth_failure(exc)
+    error = as_broker_error(exc, make_settings(broker_url="mqtt://bob:hunter2@h:1883"))
+    assert isinstance(error, AuthenticationError)
+    assert "refused the credentials" in str(error)
+    assert "hunter2" not in str(error)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        MqttConnectError(connack("Server unavailable")),
+        # paho's MQTTErrorCode 4 is "no connection", not a 3.1.1 CONNACK code 4.
+        MqttCodeError(MQTTErrorCode.MQTT_ERR_NO_CONN, "Could not publish message"),
+        MqttCodeError(MQTTErrorCode.MQTT_ERR_CONN_REFUSED, "Could not subscribe"),
+        aiomqtt.MqttError("Operation timed out"),
+        ConnectionRefusedError(111, "Connection refused"),
+        OSError("Network is unreachable"),
+    ],
+)
+def test_other_failures_are_retryable(
+    make_settings: Callable[..., Settings], exc: Exception
+) -> None:
+    assert not is_auth_failure(exc)
+    error = as_broker_error(exc, make_settings(broker_url="mqtt://h:1883"))
+    assert type(error) is BrokerError
+    assert str(error).startswith("cannot reach broker mqtt://h:1883")
+
+
+# -- client construction ------------------------------------------------------------
+
+
+def test_connect_properties(make_settings: Callable[..., Settings]) -> None:
+    props = connect_properties(make_settings(), session_expiry_s=3600, receive_maximum=500)
+    assert props is not None
+    assert props.SessionExpiryInterval == 3600
+    assert props.ReceiveMaximum == 500
+    assert connect_properties(make_settings(mqtt_version="3.1.1"), session_expiry_s=5) is None
+
+
+def test_tls_only_for_mqtts(make_settings: Callable[..., Settings]) -> None:
+    assert tls_context(make_settings()) is None
+    ctx = tls_context(make_settings(broker_url="mqtts://broker.example"))
+    assert ctx is not None
+    assert ctx.check_hostname
+
+
+def test_paho_client_carries_credentials(make_settings: Callable[..., Settings]) -> None:
+    client = paho_client(
+        make_settings(broker_url="mqtt://u:p@h:1"), client_id="c1", manual_ack=True
+    )
+    assert client._client_id == b"c1"
+    assert client._username == b"u"
+    assert client._password == b"p"
+    assert client._manual_ack
+
+
+@pytest.mark.integration
+async def test_aiomqtt_client_round_trip_with_nodelay(
+    mosquitto: LocalBroker, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(broker_url=mosquitto.url)
+    async with aiomqtt_client(settings, identifier="t-async") as client:
+        sock = client._client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        await client.subscribe("t/x", qos=1)
+        await client.publish("t/x", b"hello", qos=1)
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                assert message.payload == b"hello"
+                break
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_paho_client_connects_and_sets_nodelay(
+    mosquitto: LocalBroker, make_settings: Callable[..., Settings], version: str
+) -> None:
+    settings = make_settings(broker_url=mosquitto.url, mqtt_version=version)
+    client = paho_client(settings, client_id=f"t-paho-{version}")
+    connected = threading.Event()
+    client.on_connect = lambda *_args: connected.set()
+    client.connect(
+        mosquitto.host,
+        mosquitto.port,
+        keepalive=settings.keepalive_s,
+        properties=connect_properties(settings, session_expiry_s=60),
+    )
+    client.loop_start()
+    try:
+        assert connected.wait(10)
+        set_nodelay(client)
+        sock = client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.integration
+async def test_unreachable_broker_is_a_broker_error(make_settings: Callable[..., Settings]) -> None:
+    from mqfleet.localbroker import free_port  # noqa: PLC0415
+
+    settings = make_settings(broker_url=f"mqtt://127.0.0.1:{free_port()}")
+    with pytest.raises(aiomqtt.MqttError) as info:
+        async with aiomqtt_client(settings, identifier="t-none", timeout_s=5):
+            pass
+    error = as_broker_error(info.value, settings)
+    assert type(error) is BrokerError
