@@ -119,7 +119,9 @@ class LocalBroker:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def start(self, timeout_s: float = 10.0) -> None:
-        """Start mosquitto and wait until it accepts connections."""
+        """Start mosquitto and wait until it accepts connections (no-op if running)."""
+        if self.pid is not None:
+            return
         exe = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
             None,
@@ -139,7 +141,11 @@ class LocalBroker:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_for_port(self.host, self.port, time.monotonic() + timeout_s, self._proc)
+        try:
+            _wait_for_port(self.host, self.port, time.monotonic() + timeout_s, self._proc)
+        except BrokerError:
+            self.stop()  # never leave a half-started broker or an open log behind
+            raise
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop mosquitto cleanly (SIGTERM saves persistence), SIGKILL if it hangs."""
@@ -151,9 +157,7 @@ class LocalBroker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._close_log()
 
     def kill(self) -> None:
         """Kill mosquitto with SIGKILL (no persistence save): a crash."""
@@ -161,6 +165,12 @@ class LocalBroker:
             self._proc.kill()
             self._proc.wait()
         self._proc = None
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def restart(self) -> None:
         """Stop cleanly and start again on the same port and data directory."""
