@@ -1,0 +1,265 @@
+"""The import rules of docs/ARCHITECTURE.md, checked by parsing every module with ``ast``."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "mqfleet"
+STDLIB = frozenset(sys.stdlib_module_names) | {"__future__"}
+
+#: Which mqfleet components each component may import (docs/ARCHITECTURE.md, "may import").
+#: ``mqfleet`` itself (the package root: version and errors) is always allowed.
+MAY_IMPORT: dict[str, set[str]] = {
+    "errors": set(),
+    "protocol": {"errors"},
+    "settings": {"protocol", "errors"},
+    "transport": {"settings", "errors"},
+    "localbroker": {"errors"},
+    "store": {"protocol", "errors"},
+    # Self-contained building blocks (tokens, ACL, signatures) that each side picks from.
+    "security": {"protocol", "settings", "errors"},
+    "agent": {"protocol", "settings", "transport", "errors", "security"},
+    "collector": {"protocol", "settings", "transport", "store", "errors", "security"},
+    "cli": {
+        "protocol", "settings", "transport", "store", "errors", "localbroker", "security",
+        "agent", "collector",
+    },
+}
+#: Third-party packages a component must never import, even lazily.
+NEVER_IMPORTS: dict[str, set[str]] = {
+    # The agent runs on small edge devices: no database layer at all.
+    "agent": {"sqlalchemy", "sqlmodel", "alembic", "psycopg"},
+    "protocol": {"sqlalchemy", "sqlmodel", "aiomqtt", "paho", "click", "psutil"},
+    # Nothing in security talks to the network or the database (its docstring's promise).
+    "security": {"sqlalchemy", "sqlmodel", "alembic", "psycopg", "aiomqtt", "paho"},
+}
+#: The only third-party packages the wire protocol may use.
+PROTOCOL_THIRD_PARTY = {"pydantic", "pydantic_core", "typing_extensions"}
+#: Components the CLI may import only inside functions (keeps start-up lean, and
+#: ``mqfleet nodes`` on a server never loads the agent).
+CLI_LAZY_ONLY = {"agent", "collector"}
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str  # dotted module name, e.g. mqfleet.agent.service
+    target: str  # dotted name imported, e.g. mqfleet.store.models
+    line: int
+    lazy: bool  # inside a function or an ``if TYPE_CHECKING:`` block
+
+    def __str__(self) -> str:
+        path = self.importer.replace(".", "/")
+        return f"src/{path}.py:{self.line} imports {self.target}"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+class ImportCollector(ast.NodeVisitor):
+    def __init__(self, module: str, *, is_package: bool) -> None:
+        self.module = module
+        self.package = module if is_package else module.rpartition(".")[0]
+        self.imports: list[Import] = []
+        self._lazy_depth = 0
+
+    def _lazy(self, node: ast.AST) -> None:
+        self._lazy_depth += 1
+        self.generic_visit(node)
+        self._lazy_depth -= 1
+
+    visit_FunctionDef = _lazy  # noqa: N815 - ast.NodeVisitor's naming
+    visit_AsyncFunctionDef = _lazy  # noqa: N815
+    visit_Lambda = _lazy  # noqa: N815
+
+    def visit_If(self, node: ast.If) -> None:
+        test = node.test
+        is_type_checking = (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        )
+        if is_type_checking:
+            self._lazy_depth += 1
+            for child in node.body:
+                self.visit(child)
+            self._lazy_depth -= 1
+            for child in node.orelse:
+                self.visit(child)
+        else:
+            self.generic_visit(node)
+
+    def _add(self, target: str, node: ast.stmt) -> None:
+        self.imports.append(Import(self.module, target, node.lineno, self._lazy_depth > 0))
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self._add(alias.name, node)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if node.level:
+            base = self.package.split(".")
+            base = base[: len(base) - (node.level - 1)]
+            prefix = ".".join(base)
+            target = f"{prefix}.{node.module}" if node.module else prefix
+        else:
+            target = node.module or ""
+        if target == "mqfleet" or (node.level and not node.module):
+            # "from mqfleet import errors" or "from . import topics": the names are modules.
+            for alias in node.names:
+                self._add(f"{target}.{alias.name}", node)
+        else:
+            self._add(target, node)
+
+
+def all_imports() -> list[Import]:
+    found: list[Import] = []
+    for path in sorted(SRC.rglob("*.py")):
+        if "migrations" in path.parts:
+            continue  # Alembic's env and revisions belong to store and import only it
+        collector = ImportCollector(module_name(path), is_package=path.name == "__init__.py")
+        collector.visit(ast.parse(path.read_text(), filename=str(path)))
+        found.extend(collector.imports)
+    return found
+
+
+def component(module: str) -> str | None:
+    """``mqfleet.agent.service`` -> ``agent``; ``mqfleet`` and ``mqfleet.__main__`` -> None."""
+    parts = module.split(".")
+    if parts[0] != "mqfleet" or len(parts) < 2 or parts[1].startswith("__"):
+        return None
+    return parts[1]
+
+
+IMPORTS = all_imports()
+
+
+def test_the_collector_sees_the_codebase() -> None:
+    importers = {component(i.importer) for i in IMPORTS}
+    assert {"protocol", "settings", "transport", "store", "localbroker"} <= importers
+    # Relative imports are resolved too.
+    collector = ImportCollector("mqfleet.protocol.codec", is_package=False)
+    collector.visit(ast.parse("from .payloads import X\nfrom . import topics\n"))
+    assert [i.target for i in collector.imports] == [
+        "mqfleet.protocol.payloads",
+        "mqfleet.protocol.topics",
+    ]
+
+
+def test_the_rules_cover_every_component() -> None:
+    components = {component(module_name(p)) for p in SRC.rglob("*.py")} - {None}
+    # "broker" is the shipped config (a data directory), not code.
+    assert components - {"broker"} <= set(MAY_IMPORT), "add the new component to MAY_IMPORT"
+
+
+@pytest.mark.parametrize("owner", sorted(MAY_IMPORT))
+def test_components_import_only_what_the_architecture_allows(owner: str) -> None:
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if component(i.importer) == owner
+        and (target := component(i.target)) is not None
+        and target != owner
+        and target not in MAY_IMPORT[owner]
+    ]
+    assert bad == [], f"{owner} may import only {sorted(MAY_IMPORT[owner])}"
+
+
+@pytest.mark.parametrize("owner", sorted(NEVER_IMPORTS))
+def test_forbidden_third_party_imports(owner: str) -> None:
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if component(i.importer) == owner and i.target.split(".")[0] in NEVER_IMPORTS[owner]
+    ]
+    assert bad == []
+
+
+def test_protocol_depends_only_on_pydantic_and_the_stdlib() -> None:
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if component(i.importer) == "protocol"
+        and (root := i.target.split(".")[0]) not in STDLIB
+        and root not in PROTOCOL_THIRD_PARTY
+        and component(i.target) not in {"protocol", "errors"}
+    ]
+    assert bad == []
+
+
+def test_errors_imports_nothing_but_the_stdlib() -> None:
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if component(i.importer) == "errors" and i.target.split(".")[0] not in STDLIB
+    ]
+    assert bad == []
+
+
+def test_agent_and_collector_never_import_each_other_or_the_cli() -> None:
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if (owner := component(i.importer)) in {"agent", "collector"}
+        and component(i.target) in ({"agent", "collector", "cli"} - {owner})
+    ]
+    assert bad == []
+
+
+def test_cli_imports_agent_and_collector_only_inside_functions() -> None:
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if component(i.importer) == "cli" and component(i.target) in CLI_LAZY_ONLY and not i.lazy
+    ]
+    assert bad == []
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("mqfleet.agent", ["sqlalchemy", "sqlmodel", "alembic", "mqfleet.store"]),
+        ("mqfleet.protocol", ["sqlalchemy", "aiomqtt", "paho", "click", "psutil"]),
+        ("mqfleet", ["sqlalchemy", "pydantic", "aiomqtt"]),
+    ],
+)
+def test_runtime_import_footprint(module: str, forbidden: list[str]) -> None:
+    # Transitive imports count too: a helper that pulls in SQLAlchemy would break the
+    # agent's promise even though no agent file names it.
+    code = (
+        f"import sys, {module}\n"
+        f"bad = [m for m in {forbidden!r} if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"importing {module} loads {result.stdout.strip()}"
+
+
+def test_lazy_imports_are_told_apart() -> None:
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "import mqfleet.settings\n"
+        "if TYPE_CHECKING:\n"
+        "    from mqfleet.store import models\n"
+        "def run():\n"
+        "    from mqfleet.agent import run_agent\n"
+    )
+    collector = ImportCollector("mqfleet.cli.main", is_package=False)
+    collector.visit(ast.parse(source))
+    lazy = {i.target: i.lazy for i in collector.imports}
+    assert lazy == {
+        "typing": False,
+        "mqfleet.settings": False,
+        "mqfleet.store": True,
+        "mqfleet.agent": True,
+    }
