@@ -87,8 +87,13 @@ _MAX_KEY_FILE_BYTES: Final = 64 * 1024
 
 #: Why a command was refused; stable words for logs, metrics and tests.
 RefusalReason = Literal[
-    "unsigned", "malformed_signature", "unknown_key", "bad_signature", "wrong_node",
-    "expired", "replayed",
+    "unsigned",
+    "malformed_signature",
+    "unknown_key",
+    "bad_signature",
+    "wrong_node",
+    "expired",
+    "replayed",
 ]
 
 
@@ -175,9 +180,11 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
-        hint = " (this looks like a PRIVATE key: give agents the .pub file)" if (
-            b"PRIVATE KEY" in data
-        ) else ""
+        hint = (
+            " (this looks like a PRIVATE key: give agents the .pub file)"
+            if (b"PRIVATE KEY" in data)
+            else ""
+        )
         raise ConfigError(f"{path} is not a PEM public key{hint}") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"{path} is not an Ed25519 key ({type(key).__name__})")
@@ -223,9 +230,7 @@ def sign_command(request: CommandRequest, private_key: Ed25519PrivateKey) -> Com
 
 
 def _refuse(reason: RefusalReason, message: str, request: CommandRequest) -> CommandRefusedError:
-    return CommandRefusedError(
-        f"refused: {message}", reason=reason, command_id=request.command_id
-    )
+    return CommandRefusedError(f"refused: {message}", reason=reason, command_id=request.command_id)
 
 
 def verify_signature(request: CommandRequest, trusted: Iterable[Ed25519PublicKey]) -> str:
