@@ -1,0 +1,113 @@
+"""TLS: certificates made by broker/make-certs.sh, a real mosquitto TLS listener.
+
+The client side is mqfleet.transport.tls_context (hostname checked, CA from settings).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from mqfleet.localbroker import LocalBroker, free_port
+from mqfleet.security import PasswordFile, generate_token, render_acl
+from mqfleet.settings import load_settings
+from mqfleet.transport import tls_context
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[tuple[LocalBroker, int, Path, str]]:
+    """Mosquitto with an authenticated TLS listener on a free port; yields the CA file."""
+    certs = tmp_path / "certs"
+    subprocess.run(
+        ["sh", str(REPO / "broker" / "make-certs.sh"), str(certs), "localhost", "127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    token = generate_token()
+    pwfile = PasswordFile()
+    pwfile.set_password("node-a", token)
+    pwfile.write(tmp_path / "passwd")
+    (tmp_path / "acl").write_text(render_acl())
+    tls_port = free_port()
+    # The shipped example, with its paths and port pointed at this test's files.
+    example = (REPO / "broker" / "secure.conf.example").read_text()
+    example = example.replace("/etc/mosquitto/mqfleet/certs/", f"{certs}/")
+    example = example.replace("/etc/mosquitto/mqfleet/", f"{tmp_path}/")
+    example = example.replace("listener 8883", f"listener {tls_port} 127.0.0.1")
+    broker = LocalBroker(data_dir=tmp_path / "mosquitto", extra_config="\n" + example)
+    broker.start()
+    try:
+        yield broker, tls_port, certs / "ca.crt", token
+    finally:
+        broker.stop()
+
+
+def tls_for(context: ssl.SSLContext | None):
+    def apply(client) -> None:
+        assert context is not None
+        client.tls_set_context(context)
+
+    return apply
+
+
+def test_tls_connection_works_with_the_ca(tls_broker, mqtt_connect) -> None:
+    _, port, ca, token = tls_broker
+    settings = load_settings(broker_url=f"mqtts://127.0.0.1:{port}", ca_file=ca)
+    client = mqtt_connect(
+        "127.0.0.1", port, username="node-a", password=token, tls=tls_for(tls_context(settings))
+    )
+    assert client.connack == 0
+    assert client.publish("fleet/v1/nodes/node-a/metrics") in {0, 16}
+
+
+def handshake(context: ssl.SSLContext, port: int, server_hostname: str) -> None:
+    """A TLS handshake with the broker, as the MQTT clients do it."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        context.wrap_socket(sock, server_hostname=server_hostname),
+    ):
+        pass
+
+
+def test_tls_connection_fails_without_the_ca(tls_broker) -> None:
+    _, port, _, _ = tls_broker
+    settings = load_settings(broker_url=f"mqtts://127.0.0.1:{port}")  # system CAs only
+    context = tls_context(settings)
+    assert context is not None
+    with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer"):
+        handshake(context, port, "127.0.0.1")
+
+
+def test_tls_checks_the_hostname(tls_broker) -> None:
+    _, port, ca, _ = tls_broker
+    settings = load_settings(broker_url=f"mqtts://broker.invalid:{port}", ca_file=ca)
+    context = tls_context(settings)
+    assert context is not None
+    handshake(context, port, "localhost")  # a name the certificate carries
+    # Right CA, wrong name: a certificate for another host of the same CA is refused.
+    with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
+        handshake(context, port, "broker.invalid")
+
+
+def test_secure_example_refuses_anonymous_on_every_listener(tls_broker, mqtt_connect) -> None:
+    broker, port, ca, _ = tls_broker
+    settings = load_settings(broker_url=f"mqtts://127.0.0.1:{port}", ca_file=ca)
+    over_tls = mqtt_connect(
+        "127.0.0.1", port, username=None, password=None, tls=tls_for(tls_context(settings))
+    )
+    assert over_tls.connack == 135
+    # The shipped loopback listener was anonymous before; the example closes it too.
+    plain = mqtt_connect(broker.host, broker.port, username=None, password=None)
+    assert plain.connack == 135
