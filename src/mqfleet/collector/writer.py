@@ -1,0 +1,629 @@
+"""The collector's database side: decode a batch of messages and commit it in one go.
+
+Everything here is synchronous and runs on the collector's single database thread, so
+the writer, the staleness check, command expiry and retention never race each other
+for a row (and SQLite never sees two writers of ours at once).
+
+Every write is idempotent: a batch that is retried after a transient error, or a QoS 1
+message the broker delivers twice, never creates a second row or moves a state back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, IntegrityError
+
+from mqfleet.errors import ProtocolError
+from mqfleet.protocol import (
+    COMMAND_TERMINAL_STATUSES,
+    CommandFinished,
+    CommandRequest,
+    CommandStarted,
+    MetricsReport,
+    StatusReport,
+    Topics,
+    decode_command,
+    decode_metrics,
+    decode_result,
+    decode_status,
+    truncate_for_log,
+    utc_now,
+)
+from mqfleet.store.models import Command, CommandResult, Node, NodeMetric, UTCDateTime, metadata
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from sqlalchemy.engine import Connection, Engine
+
+__all__ = [
+    "EXPIRED_ERROR",
+    "HEARTBEAT_TIMEOUT",
+    "UNKNOWN_IP",
+    "BatchOutcome",
+    "Inbound",
+    "Redelivery",
+    "StoreWriter",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``status_reason`` of a node that went silent for 3 x its interval.
+HEARTBEAT_TIMEOUT: Final = "heartbeat timeout"
+#: ``command_results.error`` of a command that stayed pending until it expired.
+EXPIRED_ERROR: Final = "not delivered before expiry"
+#: ``ip_address`` of a node known only from its metrics (the column is NOT NULL).
+UNKNOWN_IP: Final = "unknown"
+#: A node is silent after this many intervals without a message.
+SILENCE_INTERVALS: Final = 3
+
+_NODES: Final = metadata.tables[Node.__tablename__]
+_METRICS: Final = metadata.tables[NodeMetric.__tablename__]
+_COMMANDS: Final = metadata.tables[Command.__tablename__]
+_RESULTS: Final = metadata.tables[CommandResult.__tablename__]
+_LIVE_STATUSES: Final = ("online", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One MQTT message as paho handed it over, waiting for its row to be committed."""
+
+    #: None when the topic was not valid UTF-8 (paho raises on access).
+    topic: str | None
+    payload: bytes
+    mid: int
+    qos: int
+    #: True when the broker replayed a retained message on (re)subscribe.
+    retain: bool
+    #: ``time.time()`` when paho handed it over: the node's heartbeat.
+    received_at: float
+    #: The broker connection it arrived on; an ack is only valid on that connection.
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Redelivery:
+    """A pending command to publish again because its node came back."""
+
+    command_id: str
+    topic: str
+    payload: bytes
+    #: Seconds until ``expires_at`` (MQTT 5 Message Expiry Interval), at least 1.
+    expires_in_s: int
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What committing one batch did, for the collector's counters and follow-ups."""
+
+    metrics: int = 0
+    statuses: int = 0
+    commands: int = 0
+    results: int = 0
+    invalid: int = 0
+    skipped: int = 0
+    redeliveries: list[Redelivery] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    kind: str
+    report: MetricsReport | StatusReport | CommandRequest | CommandStarted | CommandFinished
+    received_at: datetime
+    retain: bool
+    payload: bytes
+    topic: str
+
+
+def _clean(text: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL; JSON can ("\u0000"). Store the replacement
+    # character on every backend so both show the same thing.
+    return None if text is None else text.replace("\x00", "\ufffd")
+
+
+def _skip(msg: Inbound, reason: str) -> None:
+    log.warning(
+        "skipped message on %s: %s; payload %s",
+        truncate_for_log(msg.topic or "<topic not UTF-8>"),
+        reason,
+        truncate_for_log(msg.payload),
+    )
+
+
+class StoreWriter:
+    """Applies decoded fleet messages to the database; one instance per collector."""
+
+    def __init__(self, engine: Engine, *, topics: Topics, default_interval_s: float) -> None:
+        """Write through ``engine``; ``default_interval_s`` applies to nodes without one."""
+        self._engine = engine
+        self._topics = topics
+        self._default_interval_s = default_interval_s
+        self._dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        self._insert_metrics = self._dialect.insert(_METRICS).on_conflict_do_nothing(
+            index_elements=["node_id", "session", "seq"]
+        )
+        self._insert_node = self._dialect.insert(_NODES).on_conflict_do_nothing(
+            index_elements=["node_id"]
+        )
+        self._insert_command = self._dialect.insert(_COMMANDS).on_conflict_do_nothing(
+            index_elements=["command_id"]
+        )
+        self._insert_result = self._dialect.insert(_RESULTS).on_conflict_do_nothing(
+            index_elements=["command_id"]
+        )
+        hb = sa.bindparam("b_hb", type_=UTCDateTime())
+        self._touch_heartbeat = (
+            sa.update(_NODES)
+            .where(_NODES.c.node_id == sa.bindparam("b_node"))
+            .where(sa.or_(_NODES.c.last_heartbeat.is_(None), _NODES.c.last_heartbeat < hb))
+            .values(last_heartbeat=hb)
+        )
+
+    # -- the batch ------------------------------------------------------------------
+    def write_batch(self, batch: Sequence[Inbound]) -> BatchOutcome:
+        """Decode and commit ``batch``; invalid messages are logged, counted and skipped.
+
+        Raises SQLAlchemy errors other than integrity/data errors: the caller retries
+        the whole batch (nothing of it is acknowledged yet, and every write is
+        idempotent).
+        """
+        outcome = BatchOutcome()
+        decoded = self._decode(batch, outcome)
+        if not decoded:
+            return outcome
+        try:
+            with self._engine.begin() as conn:
+                self._apply(conn, decoded, outcome)
+        except (IntegrityError, DataError) as exc:
+            # One message the database refuses must not hold the others back: write
+            # them one per transaction and skip only the ones refused on their own.
+            log.warning(
+                "database refused a batch of %d (%s); writing it message by message",
+                len(decoded),
+                str(exc.orig).splitlines()[0] if exc.orig else exc,
+            )
+            outcome = BatchOutcome(invalid=outcome.invalid)
+            for item in decoded:
+                try:
+                    with self._engine.begin() as conn:
+                        self._apply(conn, [item], outcome)
+                except (IntegrityError, DataError) as item_exc:
+                    outcome.invalid += 1
+                    log.warning(
+                        "database refused message on %s: %s; payload %s",
+                        truncate_for_log(item.topic),
+                        str(item_exc.orig).splitlines()[0] if item_exc.orig else item_exc,
+                        truncate_for_log(item.payload),
+                    )
+        return outcome
+
+    def _decode(self, batch: Sequence[Inbound], outcome: BatchOutcome) -> list[_Decoded]:
+        decoded: list[_Decoded] = []
+        for msg in batch:
+            if msg.topic is None:
+                outcome.invalid += 1
+                _skip(msg, "topic is not valid UTF-8")
+                continue
+            try:
+                item = self._decode_one(msg, msg.topic)
+            except ProtocolError as exc:
+                outcome.invalid += 1
+                _skip(msg, str(exc))
+                continue
+            if item is not None:
+                decoded.append(item)
+        return decoded
+
+    def _decode_one(self, msg: Inbound, topic: str) -> _Decoded | None:
+        parsed = self._topics.parse(topic)
+        report: MetricsReport | StatusReport | CommandRequest | CommandStarted | CommandFinished
+        if parsed.kind == "metrics":
+            report = decode_metrics(msg.payload)
+        elif parsed.kind == "status":
+            report = decode_status(msg.payload)
+        elif parsed.kind == "commands":
+            report = decode_command(msg.payload)
+        elif parsed.kind == "result":
+            report = decode_result(msg.payload)
+            if report.command_id != parsed.command_id:
+                raise ProtocolError(
+                    f"command_id {report.command_id!r} does not match the topic's "
+                    f"{parsed.command_id!r}"
+                )
+        else:  # our own collector status: not fleet data
+            return None
+        if report.node_id != parsed.node_id:
+            raise ProtocolError(
+                f"node_id {report.node_id!r} does not match the topic's {parsed.node_id!r}"
+            )
+        received = datetime.fromtimestamp(msg.received_at, UTC)
+        return _Decoded(parsed.kind, report, received, msg.retain, msg.payload, topic)
+
+    def _apply(self, conn: Connection, items: Iterable[_Decoded], outcome: BatchOutcome) -> None:
+        heartbeats: dict[str, datetime] = {}
+        metrics: list[tuple[MetricsReport, datetime]] = []
+        # Status, commands and results in arrival order; metrics after them in bulk, so
+        # a birth in the same batch registers its node before the metrics need it.
+        for item in items:
+            report = item.report
+            if isinstance(report, MetricsReport):
+                metrics.append((report, item.received_at))
+            elif isinstance(report, StatusReport):
+                outcome.statuses += 1
+                self._apply_status(conn, report, item, heartbeats, outcome)
+            elif isinstance(report, CommandRequest):
+                outcome.commands += 1
+                self._record_command(conn, report, item, outcome)
+            else:
+                outcome.results += 1
+                self._apply_result(conn, report, item, outcome)
+                heartbeats[report.node_id] = max(
+                    item.received_at, heartbeats.get(report.node_id, item.received_at)
+                )
+        if metrics:
+            outcome.metrics += len(metrics)
+            self._write_metrics(conn, metrics, heartbeats)
+        if heartbeats:
+            conn.execute(
+                self._touch_heartbeat,
+                [{"b_node": node, "b_hb": hb} for node, hb in heartbeats.items()],
+            )
+
+    # -- nodes ----------------------------------------------------------------------
+    def _apply_status(
+        self,
+        conn: Connection,
+        report: StatusReport,
+        item: _Decoded,
+        heartbeats: dict[str, datetime],
+        outcome: BatchOutcome,
+    ) -> None:
+        now = utc_now()
+        row = conn.execute(
+            sa.select(_NODES.c.session, _NODES.c.status, _NODES.c.status_reason).where(
+                _NODES.c.node_id == report.node_id
+            )
+        ).first()
+        known = {
+            "hostname": _clean(report.hostname),
+            "ip_address": _clean(report.ip_address),
+            "os_info": _clean(report.os_info),
+            "interval_s": report.interval_s,
+            "agent_version": _clean(report.agent_version),
+        }
+        if row is None:
+            values = {k: v for k, v in known.items() if v is not None}
+            values.setdefault("hostname", report.node_id)
+            values.setdefault("ip_address", UNKNOWN_IP)
+            conn.execute(
+                self._insert_node.values(
+                    node_id=report.node_id,
+                    status=report.status,
+                    session=report.session,
+                    status_reason=_clean(report.reason),
+                    registered_at=now,
+                    updated_at=now,
+                    last_heartbeat=item.received_at,
+                    **values,
+                )
+            )
+            log.info("node %s registered (%s)", report.node_id, report.status)
+            return
+        if report.session < row.session:
+            # The classic race: an old connection's Will arrives after the new birth.
+            log.debug("ignored stale %s status of %s", report.status, report.node_id)
+            return
+        if (
+            item.retain
+            and report.session == row.session
+            and (
+                report.status == row.status
+                or (report.status == "online" and row.status_reason == HEARTBEAT_TIMEOUT)
+            )
+        ):
+            # A retained replay (we resubscribed) that tells us nothing new; it is
+            # not a sign of life, so it must not revive a node that went silent.
+            return
+        values = {k: v for k, v in known.items() if v is not None}
+        conn.execute(
+            sa.update(_NODES)
+            .where(_NODES.c.node_id == report.node_id)
+            .values(
+                status=report.status,
+                session=report.session,
+                status_reason=_clean(report.reason),
+                updated_at=now,
+                **values,
+            )
+        )
+        if not item.retain:
+            heartbeats[report.node_id] = max(
+                item.received_at, heartbeats.get(report.node_id, item.received_at)
+            )
+        if report.status == "online" and report.session > row.session:
+            outcome.redeliveries.extend(self._pending_commands(conn, report.node_id, now))
+
+    def _write_metrics(
+        self,
+        conn: Connection,
+        metrics: list[tuple[MetricsReport, datetime]],
+        heartbeats: dict[str, datetime],
+    ) -> None:
+        node_ids = {report.node_id for report, _ in metrics}
+        rows = conn.execute(
+            sa.select(
+                _NODES.c.node_id, _NODES.c.status, _NODES.c.session, _NODES.c.status_reason
+            ).where(_NODES.c.node_id.in_(node_ids))
+        ).all()
+        known = {row.node_id: row for row in rows}
+        now = utc_now()
+        revive: set[str] = set()
+        created: set[str] = set()
+        rows_out = []
+        for report, received in metrics:
+            node_id = report.node_id
+            row = known.get(node_id)
+            if row is None and node_id not in created:
+                # Metrics from a node whose birth we never saw: register it from what
+                # we know; its birth fills in the rest when it comes.
+                conn.execute(
+                    self._insert_node.values(
+                        node_id=node_id,
+                        hostname=node_id,
+                        ip_address=UNKNOWN_IP,
+                        status="online",
+                        session=report.session,
+                        registered_at=now,
+                        updated_at=now,
+                        last_heartbeat=received,
+                    )
+                )
+                created.add(node_id)
+                log.info("node %s registered from its metrics", node_id)
+            elif (
+                row is not None
+                and row.status == "offline"
+                and row.status_reason == HEARTBEAT_TIMEOUT
+                and report.session == row.session
+            ):
+                # Silence was the only evidence against it: fresh samples from the same
+                # connection prove it alive (a hung agent recovered, or we were away).
+                revive.add(node_id)
+            prev = heartbeats.get(node_id)
+            if prev is None or received > prev:
+                heartbeats[node_id] = received
+            rows_out.append(
+                {
+                    "node_id": node_id,
+                    "metric_time": report.ts,
+                    "cpu_usage": report.cpu_usage,
+                    "memory_usage": report.memory_usage,
+                    "disk_usage": report.disk_usage,
+                    "load_average": report.load_average,
+                    "created_at": now,
+                    "session": report.session,
+                    "seq": report.seq,
+                }
+            )
+        if revive:
+            conn.execute(
+                sa.update(_NODES)
+                .where(_NODES.c.node_id.in_(revive))
+                .where(_NODES.c.status_reason == HEARTBEAT_TIMEOUT)
+                .values(status="online", status_reason=None, updated_at=now)
+            )
+        conn.execute(self._insert_metrics, rows_out)
+
+    def _pending_commands(self, conn: Connection, node_id: str, now: datetime) -> list[Redelivery]:
+        rows = conn.execute(
+            sa.select(_COMMANDS.c.command_id, _COMMANDS.c.payload, _COMMANDS.c.expires_at)
+            .where(_COMMANDS.c.target_node_id == node_id)
+            .where(_COMMANDS.c.status == "pending")
+            .where(_COMMANDS.c.payload.is_not(None))
+            .where(_COMMANDS.c.expires_at > now)
+            .order_by(_COMMANDS.c.created_at, _COMMANDS.c.id)
+        ).all()
+        topic = self._topics.commands(node_id)
+        return [
+            Redelivery(
+                command_id=row.command_id,
+                topic=topic,
+                payload=row.payload.encode(),
+                expires_in_s=max(1, math.ceil((row.expires_at - now).total_seconds())),
+            )
+            for row in rows
+        ]
+
+    def _node_exists(self, conn: Connection, node_id: str) -> bool:
+        found = conn.execute(sa.select(_NODES.c.id).where(_NODES.c.node_id == node_id)).first()
+        return found is not None
+
+    # -- commands -------------------------------------------------------------------
+    def _record_command(
+        self, conn: Connection, report: CommandRequest, item: _Decoded, outcome: BatchOutcome
+    ) -> None:
+        if not self._node_exists(conn, report.node_id):
+            outcome.skipped += 1
+            log.warning("command %s for unknown node %s skipped", report.command_id, report.node_id)
+            return
+        details = {
+            "command_text": _clean(report.command_text),
+            "created_at": report.created_at,
+            "expires_at": report.expires_at,
+            "timeout_s": report.timeout_s,
+            "issuer": _clean(report.issuer),
+            "batch_id": report.batch_id,
+            "payload": item.payload.decode("utf-8", "replace"),
+        }
+        row = conn.execute(
+            sa.select(_COMMANDS.c.payload).where(_COMMANDS.c.command_id == report.command_id)
+        ).first()
+        if row is None:
+            conn.execute(
+                self._insert_command.values(
+                    command_id=report.command_id,
+                    target_node_id=report.node_id,
+                    status="pending",
+                    **details,
+                )
+            )
+        elif row.payload is None:
+            # Its result came first and made a placeholder: fill in what only the
+            # command knows, and leave the status where the result put it.
+            conn.execute(
+                sa.update(_COMMANDS)
+                .where(_COMMANDS.c.command_id == report.command_id)
+                .values(**details)
+            )
+        # else: a duplicate (QoS 1 redelivery or our own republish): nothing to do.
+
+    def _apply_result(
+        self,
+        conn: Connection,
+        report: CommandStarted | CommandFinished,
+        item: _Decoded,
+        outcome: BatchOutcome,
+    ) -> None:
+        if not self._node_exists(conn, report.node_id):
+            outcome.skipped += 1
+            log.warning(
+                "result of command %s from unknown node %s skipped",
+                report.command_id,
+                report.node_id,
+            )
+            return
+        row = conn.execute(
+            sa.select(_COMMANDS.c.status, _COMMANDS.c.started_at).where(
+                _COMMANDS.c.command_id == report.command_id
+            )
+        ).first()
+        finished = isinstance(report, CommandFinished)
+        completed_at = report.completed_at if isinstance(report, CommandFinished) else None
+        if row is None:
+            # The result overtook its command: record what we know; the command
+            # message fills in the rest without moving the status back.
+            conn.execute(
+                self._insert_command.values(
+                    command_id=report.command_id,
+                    command_text="",
+                    target_node_id=report.node_id,
+                    status=report.status,
+                    created_at=item.received_at,
+                    started_at=report.started_at,
+                    completed_at=completed_at,
+                )
+            )
+        elif row.status not in COMMAND_TERMINAL_STATUSES and (finished or row.status == "pending"):
+            conn.execute(
+                sa.update(_COMMANDS)
+                .where(_COMMANDS.c.command_id == report.command_id)
+                .values(
+                    status=report.status,
+                    started_at=report.started_at or row.started_at,
+                    completed_at=completed_at,
+                )
+            )
+        elif row.started_at is None and report.started_at is not None:
+            # Forward only: a late "running" may still tell us when it started.
+            conn.execute(
+                sa.update(_COMMANDS)
+                .where(_COMMANDS.c.command_id == report.command_id)
+                .values(started_at=report.started_at)
+            )
+        if isinstance(report, CommandFinished):
+            conn.execute(
+                self._insert_result.values(
+                    command_id=report.command_id,
+                    stdout=_clean(report.stdout),
+                    stderr=_clean(report.stderr),
+                    exit_code=report.exit_code,
+                    execution_time_ms=report.execution_time_ms,
+                    created_at=item.received_at,
+                    error=_clean(report.error),
+                    stdout_truncated=report.stdout_truncated,
+                    stderr_truncated=report.stderr_truncated,
+                )
+            )
+
+    # -- periodic work --------------------------------------------------------------
+    def mark_stale(self, now: datetime, listening_since: datetime) -> list[str]:
+        """Mark online/error nodes silent for 3 x their interval offline; return their ids.
+
+        ``listening_since`` is when the collector (re)connected: a node is never blamed
+        for silence the collector could not have heard.
+        """
+        with self._engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(_NODES.c.node_id, _NODES.c.last_heartbeat, _NODES.c.interval_s).where(
+                    _NODES.c.status.in_(_LIVE_STATUSES)
+                )
+            ).all()
+            stale = []
+            for row in rows:
+                seen = max(row.last_heartbeat or listening_since, listening_since)
+                limit = SILENCE_INTERVALS * (row.interval_s or self._default_interval_s)
+                if (now - seen).total_seconds() > limit:
+                    stale.append(row.node_id)
+            if stale:
+                conn.execute(
+                    sa.update(_NODES)
+                    .where(_NODES.c.node_id.in_(stale))
+                    .where(_NODES.c.status.in_(_LIVE_STATUSES))
+                    .values(status="offline", status_reason=HEARTBEAT_TIMEOUT, updated_at=now)
+                )
+        return stale
+
+    def expire_commands(self, now: datetime) -> list[str]:
+        """Time out commands still pending at their ``expires_at``; return their ids."""
+        with self._engine.begin() as conn:
+            expired = list(
+                conn.scalars(
+                    sa.select(_COMMANDS.c.command_id)
+                    .where(_COMMANDS.c.status == "pending")
+                    .where(_COMMANDS.c.expires_at <= now)
+                )
+            )
+            if expired:
+                conn.execute(
+                    sa.update(_COMMANDS)
+                    .where(_COMMANDS.c.command_id.in_(expired))
+                    .where(_COMMANDS.c.status == "pending")
+                    .values(status="timeout", completed_at=now)
+                )
+                conn.execute(
+                    self._insert_result,
+                    [
+                        {
+                            "command_id": command_id,
+                            "stdout": "",
+                            "stderr": "",
+                            "exit_code": None,
+                            "execution_time_ms": 0,
+                            "created_at": now,
+                            "error": EXPIRED_ERROR,
+                            "stdout_truncated": False,
+                            "stderr_truncated": False,
+                        }
+                        for command_id in expired
+                    ],
+                )
+        return expired
+
+    def prune_metrics(self, cutoff: datetime, limit: int) -> int:
+        """Delete at most ``limit`` metrics older than ``cutoff`` in one transaction."""
+        with self._engine.begin() as conn:
+            oldest = (
+                sa.select(_METRICS.c.id)
+                .where(_METRICS.c.metric_time < cutoff)
+                .limit(limit)
+                .scalar_subquery()
+            )
+            result = conn.execute(sa.delete(_METRICS).where(_METRICS.c.id.in_(oldest)))
+            return int(result.rowcount or 0)
