@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from mqfleet.errors import StoreError, UnknownCommandError, UnknownNodeError
@@ -20,6 +19,11 @@ from mqfleet.store.queries import (
     match_nodes,
     nodes_by_id,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from sqlalchemy.engine import Engine
 
 pytestmark = pytest.mark.integration
 
@@ -172,8 +176,9 @@ def test_get_command_with_and_without_result(engine: Engine) -> None:
 def test_metrics_query_uses_the_node_time_index(engine: Engine) -> None:
     # The plan must walk idx_node_metrics_time, never scan 10 million rows.
     dialect = engine.dialect.name
+    explain = "EXPLAIN QUERY PLAN " if dialect == "sqlite" else "EXPLAIN "
     query = sa.text(
-        ("EXPLAIN QUERY PLAN " if dialect == "sqlite" else "EXPLAIN ")
+        explain  # noqa: S608 - constant SQL, no input
         + "SELECT * FROM node_metrics WHERE node_id = 'web-0' ORDER BY metric_time DESC LIMIT 10"
     )
     with engine.connect() as conn:

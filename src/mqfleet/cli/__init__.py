@@ -1,6 +1,9 @@
-"""The ``mqfleet`` command line."""
+"""The ``mqfleet`` command line: click commands, with rendering kept apart from I/O.
 
+Errors of the :mod:`mqfleet.errors` tree and usage errors are printed as one line
+(``mqfleet: error: ...``) with the exit codes of :class:`~mqfleet.cli.exitcodes.ExitCode`.
+"""
 
-def main() -> None:
-    """Console entry point (placeholder until the CLI lands)."""
-    raise SystemExit("mqfleet: CLI not built yet")
+from mqfleet.cli.app import cli, main
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,470 @@
+"""The ``mqfleet`` click group: global options, error mapping and the read commands.
+
+Start-up stays lean: SQLAlchemy, SQLModel, aiomqtt and the agent/collector are imported
+inside the commands that need them, so ``mqfleet --help`` and ``mqfleet agent`` never load
+the database layer and ``mqfleet run`` starts fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import signal
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import click
+
+from mqfleet import __version__
+from mqfleet.cli import render
+from mqfleet.cli.durations import DURATION
+from mqfleet.cli.exitcodes import ExitCode, exit_code_for
+from mqfleet.errors import ConfigError, MqfleetError, StoreError
+from mqfleet.protocol import utc_now, validate_node_id
+from mqfleet.settings import load_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Iterator, Sequence
+
+    from sqlalchemy.engine import Engine
+
+    from mqfleet.settings import Settings
+
+__all__ = ["CliState", "cli", "main", "open_store"]
+
+log = logging.getLogger(__name__)
+
+_HANDLER_NAME: Final = "mqfleet-cli"
+_LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_NODE_STATUSES: Final = ("online", "offline", "error")
+_COMMAND_STATUSES: Final = ("pending", "running", "success", "failed", "timeout")
+#: Window of the sample count shown by ``mqfleet show``.
+_SHOW_WINDOW: Final = timedelta(hours=24)
+_PG_CONNECT_TIMEOUT_S: Final = 5
+
+# Whether -v was given, read by the error handler after the click context is gone.
+_verbose = False
+
+
+@dataclass
+class CliState:
+    """The global options, shared by every command through ``click.pass_obj``."""
+
+    config_file: Path | None = None
+    broker_url: str | None = None
+    database_url: str | None = None
+    topic_prefix: str | None = None
+    verbose: bool = False
+    _cache: dict[str, Settings] = field(default_factory=dict, repr=False)
+
+    def settings(self, **flags: Any) -> Settings:  # noqa: ANN401 - Settings field values
+        """Load settings: the global flags plus ``flags`` over env, config file and defaults."""
+        return load_settings(
+            self.config_file,
+            broker_url=self.broker_url,
+            database_url=self.database_url,
+            topic_prefix=self.topic_prefix,
+            **flags,
+        )
+
+    def child_flags(self) -> list[str]:
+        """List the global flags to hand to a child ``mqfleet`` process (``up``)."""
+        args: list[str] = []
+        if self.config_file is not None:
+            args += ["--config", str(self.config_file)]
+        if self.database_url is not None:
+            args += ["--database", self.database_url]
+        if self.topic_prefix is not None:
+            args += ["--prefix", self.topic_prefix]
+        if self.verbose:
+            args.append("--verbose")
+        return args
+
+
+def configure_logging(*, verbose: bool, level: int = logging.WARNING) -> None:
+    """Log to stderr: DEBUG with -v, else ``level`` (entry points only, never libraries)."""
+    root = logging.getLogger()
+    if not any(h.get_name() == _HANDLER_NAME for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        handler.set_name(_HANDLER_NAME)
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else level)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"mqfleet: error: {_one_line(message)}", err=True)
+    return code
+
+
+def _safe_streams() -> None:
+    # Command output may hold anything (lone surrogates, characters the locale cannot
+    # encode): print a replacement character rather than crash with UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+
+
+class MqfleetGroup(click.Group):
+    """A click group whose errors are one line on stderr with the documented exit code."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,  # noqa: FBT001, FBT002 - click's signature
+        **extra: Any,  # noqa: ANN401 - forwarded to click
+    ) -> Any:  # noqa: ANN401 - click's signature
+        """Run the CLI; exit with the documented code and never print a traceback."""
+        global _verbose  # noqa: PLW0603 - the one piece of state outliving the context
+        _verbose = False
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        _safe_streams()
+        try:
+            rv = super().main(args, prog_name or "mqfleet", complete_var, False, **extra)  # noqa: FBT003
+            code = int(rv) if isinstance(rv, int) else 0
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            code = _fail(_one_line(exc.format_message()).rstrip(".") + hint, ExitCode.USAGE)
+        except click.ClickException as exc:
+            code = _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            click.echo("mqfleet: interrupted", err=True)
+            code = ExitCode.INTERRUPTED
+        except MqfleetError as exc:
+            code = _fail(str(exc), exit_code_for(exc))
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            if _verbose:
+                traceback.print_exc()
+            hint = "" if _verbose else " (run with -v for the traceback)"
+            code = _fail(f"unexpected {type(exc).__name__}: {exc}{hint}", ExitCode.FAILED)
+        sys.stdout.flush()
+        sys.exit(code)
+
+
+@click.group("mqfleet", cls=MqfleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config file (default: $MQFLEET_CONFIG, else the user config dir).",
+)
+@click.option("--broker", "broker_url", metavar="URL", help="mqtt[s]://[user:pass@]host:port")
+@click.option("--database", "database_url", metavar="URL", help="SQLAlchemy database URL.")
+@click.option("--prefix", "topic_prefix", metavar="PREFIX", help="Topic prefix (fleet/v1).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks for bugs.")
+@click.version_option(__version__, "--version", prog_name="mqfleet")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config_file: Path | None,
+    broker_url: str | None,
+    database_url: str | None,
+    topic_prefix: str | None,
+    *,
+    verbose: bool,
+) -> None:
+    """Manage a fleet of Linux servers over MQTT.
+
+    Settings: flags > MQFLEET_* environment > config file > defaults.
+    Exit codes: 0 ok, 1 failed, 2 usage/unknown, 3 unreachable, 4 queued (run).
+    """
+    global _verbose  # noqa: PLW0603 - see MqfleetGroup.main
+    _verbose = verbose
+    configure_logging(verbose=verbose)
+    ctx.obj = CliState(config_file, broker_url, database_url, topic_prefix, verbose)
+
+
+pass_state = click.make_pass_decorator(CliState)
+
+
+# -- database access -----------------------------------------------------------------
+@contextmanager
+def open_store(settings: Settings, *, must_exist: bool = True) -> Iterator[Engine]:
+    """Open an engine on the configured database; dispose of it afterwards.
+
+    A missing SQLite file is reported instead of silently created empty: reading an
+    empty new file would only say "no nodes", hiding a wrong ``--database``.
+    """
+    from mqfleet.store.engine import create_store_engine, normalise_url  # noqa: PLC0415 - lean start-up
+
+    try:
+        url = normalise_url(settings.database_url)
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
+    kwargs: dict[str, Any] = {}
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        path = Path(database).expanduser()
+        on_disk = database not in {"", ":memory:"} and not database.startswith("file:")
+        if must_exist and on_disk and not path.is_file():
+            raise StoreError(
+                    f"database {path} does not exist yet: start 'mqfleet up' or "
+                    "'mqfleet collector', or create it with 'mqfleet db upgrade'"
+                )
+    else:
+        # An unreachable host must fail in seconds, not hang on the TCP timeout.
+        kwargs["connect_args"] = {"connect_timeout": _PG_CONNECT_TIMEOUT_S}
+    engine = create_store_engine(settings.database_url, **kwargs)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _emit_json(document: object) -> None:
+    click.echo(render.dumps(document))
+
+
+def _colour() -> bool:
+    return render.use_colour(sys.stdout, os.environ)
+
+
+def _node_id(value: str) -> str:
+    try:
+        return validate_node_id(value)
+    except MqfleetError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+# -- read commands -------------------------------------------------------------------
+@cli.command()
+@click.option("--status", type=click.Choice(_NODE_STATUSES), help="Only nodes in this state.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (see docs/CLI.md).")
+@pass_state
+def nodes(state: CliState, status: str | None, *, as_json: bool) -> int:
+    """List the nodes of the fleet."""
+    from mqfleet.store.queries import list_nodes  # noqa: PLC0415 - lean start-up
+
+    settings = state.settings()
+    with open_store(settings) as engine:
+        rows = list_nodes(engine, status=status)
+    now = utc_now()
+    # The collector marks silent nodes offline; "online" nodes nobody has heard from
+    # for long mean no collector is recording. Read from the rows already fetched, so
+    # the warning costs nothing and needs no broker connection.
+    warning = render.stale_warning(render.stale_nodes(rows, now), now)
+    if warning:
+        click.echo(f"mqfleet: {warning}", err=True)
+    if as_json:
+        _emit_json({"nodes": [render.node_json(n) for n in rows]})
+    else:
+        click.echo(render.nodes_table(rows, now, colour=_colour()))
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("node_id", metavar="NODE")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (see docs/CLI.md).")
+@pass_state
+def show(state: CliState, node_id: str, *, as_json: bool) -> int:
+    """Show one node: its fields, latest metric and command counts."""
+    from mqfleet.store.queries import get_node  # noqa: PLC0415 - lean start-up
+
+    node_id = _node_id(node_id)
+    settings = state.settings()
+    now = utc_now()
+    with open_store(settings) as engine:
+        detail = get_node(engine, node_id, metrics_since=now - _SHOW_WINDOW)
+    warning = render.stale_warning(render.stale_nodes([detail.node], now), now)
+    if warning:
+        click.echo(f"mqfleet: {warning}", err=True)
+    if as_json:
+        _emit_json(render.node_detail_json(detail, window="24h"))
+    else:
+        click.echo(render.node_detail_text(detail, now, colour=_colour(), window="24h"))
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("node_id", metavar="NODE")
+@click.option("--since", type=DURATION, help="Only samples this recent: 30m, 1h, 7d.")
+@click.option(
+    "--limit", type=click.IntRange(1, 100_000), default=100, show_default=True, help="At most N."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (see docs/CLI.md).")
+@pass_state
+def metrics(
+    state: CliState, node_id: str, since: timedelta | None, limit: int, *, as_json: bool
+) -> int:
+    """Show a node's metrics, newest first."""
+    from mqfleet.store.queries import list_metrics  # noqa: PLC0415 - lean start-up
+
+    node_id = _node_id(node_id)
+    settings = state.settings()
+    now = utc_now()
+    with open_store(settings) as engine:
+        rows = list_metrics(engine, node_id, since=now - since if since else None, limit=limit)
+    if as_json:
+        _emit_json({"node_id": node_id, "metrics": [render.metric_json(m) for m in rows]})
+    else:
+        click.echo(render.metrics_table(rows, now))
+    return ExitCode.OK
+
+
+@cli.command()
+@click.option("--node", "node_id", metavar="NODE", help="Only commands for this node.")
+@click.option("--status", type=click.Choice(_COMMAND_STATUSES), help="Only in this state.")
+@click.option("--since", type=DURATION, help="Only commands this recent: 30m, 1h, 7d.")
+@click.option("--batch", "batch_id", metavar="ID", help="Only one run's commands.")
+@click.option(
+    "--limit", type=click.IntRange(1, 100_000), default=50, show_default=True, help="At most N."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (see docs/CLI.md).")
+@pass_state
+def commands(
+    state: CliState,
+    *,
+    node_id: str | None,
+    status: str | None,
+    since: timedelta | None,
+    batch_id: str | None,
+    limit: int,
+    as_json: bool,
+) -> int:
+    """Show the command history, newest first."""
+    from mqfleet.store.queries import list_commands  # noqa: PLC0415 - lean start-up
+
+    if node_id is not None:
+        node_id = _node_id(node_id)
+    settings = state.settings()
+    now = utc_now()
+    with open_store(settings) as engine:
+        rows = list_commands(
+            engine,
+            node_id=node_id,
+            status=status,
+            since=now - since if since else None,
+            batch_id=batch_id,
+            limit=limit,
+        )
+    if as_json:
+        _emit_json({"commands": [render.command_json(c) for c in rows]})
+    else:
+        click.echo(render.commands_table(rows, now, colour=_colour()))
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("command_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (see docs/CLI.md).")
+@pass_state
+def result(state: CliState, command_id: str, *, as_json: bool) -> int:
+    """Show one command's full result: output, timing, status, error."""
+    from mqfleet.store.queries import get_command  # noqa: PLC0415 - lean start-up
+
+    settings = state.settings()
+    with open_store(settings) as engine:
+        detail = get_command(engine, command_id)
+    if as_json:
+        _emit_json(render.command_detail_json(detail))
+    else:
+        click.echo(render.command_detail_text(detail, utc_now(), colour=_colour()))
+    return ExitCode.OK
+
+
+# -- database administration ---------------------------------------------------------
+@cli.group()
+def db() -> None:
+    """Database administration."""
+
+
+@db.command("upgrade")
+@pass_state
+def db_upgrade(state: CliState) -> int:
+    """Create the tables or migrate the database to the newest schema."""
+    from mqfleet.store.engine import describe_url, upgrade  # noqa: PLC0415 - lean start-up
+
+    settings = state.settings()
+    with open_store(settings, must_exist=False) as engine:
+        upgrade(engine)
+    click.echo(f"database {describe_url(settings.database_url)} is up to date")
+    return ExitCode.OK
+
+
+# -- services ------------------------------------------------------------------------
+def serve(entry: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings) -> None:
+    """Run a service until SIGTERM/SIGINT, which cancel it so it can shut down cleanly."""
+
+    async def supervise() -> None:
+        loop = asyncio.get_running_loop()
+        main_task = asyncio.create_task(entry(settings), name=entry.__name__)
+        signals_seen: list[str] = []
+
+        def on_signal(name: str) -> None:
+            signals_seen.append(name)
+            # A second signal cancels again: it interrupts a shutdown that hangs
+            # (e.g. publishing "offline" to a broker that is gone).
+            log.info("%s received: %s", name, "stopping" if len(signals_seen) == 1 else "again")
+            main_task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        try:
+            await main_task
+        except asyncio.CancelledError:
+            # Our own cancellation (a signal) is a clean stop; any other is not ours to eat.
+            if not signals_seen:
+                raise
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    asyncio.run(supervise())
+
+
+@cli.command()
+@click.option("--node-id", help="This node's id (default: the host name).")
+@click.option("--interval", type=DURATION, help="Seconds between metric samples: 10s, 1m.")
+@pass_state
+def agent(state: CliState, node_id: str | None, interval: timedelta | None) -> int:
+    """Run the agent for this machine until SIGTERM/SIGINT."""
+    settings = state.settings(
+        node_id=node_id, metrics_interval_s=interval.total_seconds() if interval else None
+    )
+    configure_logging(verbose=state.verbose, level=logging.INFO)
+    from mqfleet.agent import run_agent  # noqa: PLC0415 - only this command needs the agent
+
+    serve(run_agent, settings)
+    return ExitCode.OK
+
+
+@cli.command()
+@pass_state
+def collector(state: CliState) -> int:
+    """Run the collector (records the fleet into the database) until SIGTERM/SIGINT."""
+    settings = state.settings()
+    configure_logging(verbose=state.verbose, level=logging.INFO)
+    from mqfleet.collector import run_collector  # noqa: PLC0415 - only this command needs it
+
+    serve(run_collector, settings)
+    return ExitCode.OK
+
+
+def _register_commands() -> None:
+    from mqfleet.cli.run import run  # noqa: PLC0415 - avoids an import cycle
+    from mqfleet.cli.up import up  # noqa: PLC0415 - idem
+
+    cli.add_command(run)
+    cli.add_command(up)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console entry point of ``mqfleet``."""
+    cli.main(prog_name="mqfleet")
