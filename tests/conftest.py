@@ -28,7 +28,7 @@ POSTGRES_URL = os.environ.get(
 def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads the developer's config, data dir or MQFLEET_* variables."""
     for key in list(os.environ):
-        if key.startswith("MQFLEET_") and key not in {"MQFLEET_TEST_POSTGRES_URL"}:
+        if key.startswith("MQFLEET_") and key != "MQFLEET_TEST_POSTGRES_URL":
             monkeypatch.delenv(key)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))

@@ -104,3 +104,13 @@ def test_protocol_reexports_its_submodules() -> None:
     for sub in ("topics", "payloads", "codec"):
         mod = importlib.import_module(f"mqfleet.protocol.{sub}")
         assert set(mod.__all__) <= PROTOCOL_API, f"protocol.{sub} exports names the package hides"
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    from pathlib import Path  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    command = "./scripts/install --dev && ./scripts/test"
+    assert command in (root / "README.md").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    assert f"\n{command} || status=$?\n" in ci

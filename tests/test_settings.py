@@ -241,3 +241,15 @@ def test_broker_address_str_hides_the_password() -> None:
     assert str(BrokerAddress.parse("mqtt://[::1]")) == "mqtt://[::1]:1883"
     assert "hunter2" not in repr(address)
     assert address.password == "hunter2"
+
+
+# -- the configuration reference in README.md stays complete --------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_setting_is_documented_in_readme(name: str) -> None:
+    text = README.read_text()
+    row = f"| `{name}` | `MQFLEET_{name.upper()}` |"
+    assert row in text, f"add a row for {name} to the configuration tables in README.md"
