@@ -2,3 +2,7 @@
 
 It never imports the database layer (``mqfleet.store``), SQLAlchemy or SQLModel.
 """
+
+from mqfleet.agent.service import AgentService, run_agent
+
+__all__ = ["AgentService", "run_agent"]
