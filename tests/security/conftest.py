@@ -92,13 +92,16 @@ def connect_client(
     if tls is not None:
         tls(client)
 
-    def on_connect(_c: Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+    def on_connect(c: Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         tc.connack = rc.value
+        if rc.is_failure:
+            c.disconnect()  # stop paho from retrying refused credentials in the background
 
-    def on_disconnect(_c: Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+    def on_disconnect(c: Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if tc.connack is None:
             tc.connack = rc.value
         tc.disconnected.set()
+        c.disconnect()  # a probe never reconnects: each test sees one session
 
     def on_publish(_c: Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
         tc.pubacks[mid] = rc.value
