@@ -26,7 +26,9 @@ def test_missing_mosquitto_prints_the_install_hint(
 ) -> None:
     class NoMosquitto(PosixPath):
         def exists(self, *, follow_symlinks: bool = True) -> bool:
-            return False if self.name == "mosquitto" else super().exists()
+            if self.name == "mosquitto":
+                return False
+            return super().exists(follow_symlinks=follow_symlinks)
 
     monkeypatch.setattr(localbroker.shutil, "which", lambda _name: None)
     monkeypatch.setattr(localbroker, "Path", NoMosquitto)
