@@ -1,22 +1,84 @@
 """Command handling on the agent: exactly-once acceptance, execution, result outbox.
 
-INTERFACE STUB: the agent core (``agent/service.py``) codes against this contract; the
-implementation replaces the bodies.
+The life of a command on this node:
+
+1. :meth:`CommandService.accept` decodes the payload. Undecodable payloads are logged
+   (truncated) and dropped. A command id already in the journal is a duplicate (QoS 1
+   redelivery, collector redelivery) and is ignored, across restarts too. A command for
+   another node is refused (``failed``), one whose ``expires_at`` has passed is reported
+   ``timeout`` with error "expired before delivery"; neither ever runs. Anything else is
+   journaled as ``accepted`` (fsync'd) before it is queued, so nothing runs unrecorded.
+2. :meth:`CommandService.run_loop` starts queued commands in arrival order, at most
+   ``max_concurrent_commands`` at once. It journals ``running`` before spawning, reports
+   ``running`` once spawned, and the final result when done (see ``agent.executor``). A
+   command that expired while it waited for a slot is reported ``timeout`` with error
+   "expired before it could start" instead of running late.
+3. Every result goes to the on-disk outbox first; :meth:`CommandService.deliver_loop`
+   publishes the outbox in order and deletes an item only once ``publish`` returned
+   (PUBACK), so a broker outage or an agent crash loses no result. A crash may resend a
+   result; the collector ignores duplicates (a command only moves forward).
+4. :meth:`CommandService.start` settles what a previous process left: a command journaled
+   ``running`` is reported ``failed`` with error "agent restarted" and is never re-run;
+   accepted commands that never started are queued again (or reported expired).
+
+Journal and outbox writes are small synchronous fsync'd file writes on the event loop:
+they keep ``accept`` synchronous and ordered, at the cost of a few milliseconds each.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Literal
+
+from mqfleet.agent.executor import CommandExecutor, Execution
+from mqfleet.agent.journal import CommandJournal, JournalEntry, ResultOutbox
+from mqfleet.errors import AgentStateError, ProtocolError
+from mqfleet.protocol import (
+    MAX_PAYLOAD_BYTES,
+    CommandFinished,
+    CommandRequest,
+    CommandStarted,
+    decode_command,
+    encode,
+    truncate_for_log,
+    utc_now,
+)
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from mqfleet.settings import Settings
 
-__all__ = ["CommandService", "Publish"]
+__all__ = [
+    "AGENT_RESTARTED",
+    "EXPIRED_BEFORE_DELIVERY",
+    "EXPIRED_BEFORE_START",
+    "CommandService",
+    "Publish",
+]
+
+log = logging.getLogger(__name__)
 
 #: Publishes ``payload`` on ``topic`` with QoS 1, not retained, and returns once the
 #: broker has acknowledged it (PUBACK). Raises when the connection is lost.
 Publish = Callable[[str, bytes], Awaitable[None]]
+
+EXPIRED_BEFORE_DELIVERY: Final = "expired before delivery"
+EXPIRED_BEFORE_START: Final = "expired before it could start"
+AGENT_RESTARTED: Final = "agent restarted"
+#: Expired ids are pruned from the journal at most this often.
+_PRUNE_INTERVAL_S: Final = 60.0
+#: Outputs are shrunk down to this many bytes per stream, if need be, to fit a result
+#: into the protocol's payload limit (control characters grow six-fold in JSON).
+_MIN_OUTPUT_BYTES: Final = 256
+_MAX_ERROR_CHARS: Final = 1024
+
+
+def _error_text(text: str) -> str:
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
 class CommandService:
@@ -25,15 +87,254 @@ class CommandService:
     def __init__(self, settings: Settings) -> None:
         """Use ``settings.agent_state_dir`` for the journal and the result outbox."""
         self._settings = settings
+        self._node_id = settings.node_id
+        self._dir = settings.agent_state_dir / "commands"
+        self._journal: CommandJournal | None = None
+        self._outbox: ResultOutbox | None = None
+        self._executor = CommandExecutor(
+            output_limit_bytes=settings.output_limit_bytes, kill_grace_s=settings.kill_grace_s
+        )
+        self._queue: asyncio.Queue[CommandRequest] = asyncio.Queue()
+        self._outbox_ready = asyncio.Event()
+        self._last_prune = time.monotonic()
 
+    # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
-        """Open the journal; report commands cut short by a previous crash. Call once."""
+        """Open the journal; report commands cut short by a previous crash. Call once.
 
+        Raises :class:`AgentStateError` when the state directory is unusable.
+        """
+        if self._journal is not None:
+            msg = "CommandService.start() was already called"
+            raise RuntimeError(msg)
+        self._outbox = ResultOutbox(self._dir / "outbox")
+        self._journal = CommandJournal(self._dir / "journal")
+        now = utc_now()
+        for entry in self._journal.entries():
+            if entry.state == "running":
+                log.warning("command %s was running when the agent stopped", entry.command_id)
+                self._report_unstarted(
+                    entry, "failed", AGENT_RESTARTED, started_at=entry.started_at
+                )
+            elif entry.state == "accepted" and entry.request is not None:
+                if entry.expires_at <= now:
+                    self._report_unstarted(entry, "timeout", EXPIRED_BEFORE_START)
+                else:
+                    log.info("command %s queued again after a restart", entry.command_id)
+                    self._queue.put_nowait(entry.request)
+        self._journal.prune(now)
+        if len(self._outbox):
+            self._outbox_ready.set()
+
+    # -- intake ---------------------------------------------------------------------
     def accept(self, payload: bytes) -> None:
         """Take a payload from this node's commands topic; never raises on bad input."""
+        journal = self._require_journal()
+        try:
+            request = decode_command(payload)
+        except ProtocolError as exc:
+            log.warning("dropping command payload: %s: %s", exc, truncate_for_log(payload))
+            return
+        if request.command_id in journal:
+            log.info("command %s already accepted: duplicate ignored", request.command_id)
+            return
+        now = utc_now()
+        try:
+            if request.node_id != self._node_id:
+                log.warning("refusing command %s for node %r", request.command_id, request.node_id)
+                error = f"refused: the command is for node {request.node_id!r}, not this node"
+                self._report_unstarted(self._entry(request, now), "failed", error)
+            elif request.expires_at <= now:
+                log.warning("command %s expired before delivery", request.command_id)
+                self._report_unstarted(
+                    self._entry(request, now), "timeout", EXPIRED_BEFORE_DELIVERY
+                )
+            else:
+                # Durable before it can run: from here on a crash cannot make it run twice.
+                journal.record(self._entry(request, now))
+                self._queue.put_nowait(request)
+                log.info("command %s accepted (%d queued)", request.command_id, self._queue.qsize())
+        except AgentStateError as exc:
+            log.error("dropping command %s: %s", request.command_id, exc)  # noqa: TRY400 - one line
+            return
+        self._maybe_prune(now)
 
+    # -- execution ------------------------------------------------------------------
     async def run_loop(self) -> None:
         """Execute accepted commands (at most N at once); runs for the agent's lifetime."""
+        self._require_journal()
+        slots = asyncio.Semaphore(self._settings.max_concurrent_commands)
+        async with asyncio.TaskGroup() as group:
+            while True:
+                request = await self._queue.get()
+                # Taking a slot before the next request keeps starts in arrival order.
+                await slots.acquire()
+                group.create_task(self._run_one(request, slots), name=request.command_id)
 
+    async def _run_one(self, request: CommandRequest, slots: asyncio.Semaphore) -> None:
+        try:
+            await self._execute(request)
+        except AgentStateError as exc:
+            # The state directory failed us; the journal decides what a restart reports.
+            log.error("command %s: %s", request.command_id, exc)  # noqa: TRY400 - one line
+        finally:
+            slots.release()
+
+    async def _execute(self, request: CommandRequest) -> None:
+        journal = self._require_journal()
+        now = utc_now()
+        entry = journal.get(request.command_id) or self._entry(request, now)
+        if request.expires_at <= now:
+            log.warning("command %s expired before it could start", request.command_id)
+            self._report_unstarted(entry, "timeout", EXPIRED_BEFORE_START)
+            return
+        journal.record(
+            JournalEntry(
+                command_id=entry.command_id,
+                state="running",
+                expires_at=entry.expires_at,
+                accepted_at=entry.accepted_at,
+                started_at=now,
+            )
+        )
+
+        def report_started(started_at: datetime) -> None:
+            started = CommandStarted(
+                command_id=request.command_id,
+                node_id=self._node_id,
+                status="running",
+                started_at=started_at,
+            )
+            self._put_result(request.command_id, encode(started))
+
+        log.info("command %s started", request.command_id)
+        execution = await self._executor.run(
+            request.command_text,
+            timeout_s=request.timeout_s,
+            extra_env={"MQFLEET_COMMAND_ID": request.command_id, "MQFLEET_NODE_ID": self._node_id},
+            on_start=report_started,
+        )
+        log.info(
+            "command %s finished: %s (exit code %s, %d ms)",
+            request.command_id,
+            execution.status,
+            execution.exit_code,
+            execution.execution_time_ms,
+        )
+        # Outbox before journal: a crash in between resends, it never loses the result.
+        self._put_result(request.command_id, self._finished_payload(request, execution))
+        journal.record(self._done(entry, started_at=now))
+
+    def _finished_payload(self, request: CommandRequest, execution: Execution) -> bytes:
+        """Encode the final result, shrinking outputs until it fits the payload limit."""
+        limit = self._settings.output_limit_bytes
+        while True:
+            payload = encode(
+                CommandFinished(
+                    command_id=request.command_id,
+                    node_id=self._node_id,
+                    status=execution.status,
+                    started_at=execution.started_at,
+                    completed_at=execution.completed_at,
+                    exit_code=execution.exit_code,
+                    stdout=execution.stdout.render(limit),
+                    stderr=execution.stderr.render(limit),
+                    execution_time_ms=execution.execution_time_ms,
+                    stdout_truncated=execution.stdout.truncated(limit),
+                    stderr_truncated=execution.stderr.truncated(limit),
+                    error=_error_text(execution.error) if execution.error else None,
+                )
+            )
+            if len(payload) <= MAX_PAYLOAD_BYTES["result"] or limit <= _MIN_OUTPUT_BYTES:
+                return payload
+            limit = max(limit // 2, _MIN_OUTPUT_BYTES)
+            log.info("command %s: result too big, output cut to %d B", request.command_id, limit)
+
+    # -- delivery -------------------------------------------------------------------
     async def deliver_loop(self, publish: Publish) -> None:
         """Send pending results in order while connected; returns or raises on disconnect."""
+        outbox = self._require_outbox()
+        topics = self._settings.topics
+        while True:
+            item = outbox.peek()
+            if item is None:
+                # No await between the check and clear(): no put() can slip in between.
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+                continue
+            try:
+                topic = topics.result(self._node_id, item.command_id)
+            except ProtocolError as exc:  # a file someone put there by hand
+                log.error("discarding undeliverable result %s: %s", item.path, exc)  # noqa: TRY400
+                outbox.remove(item)
+                continue
+            # An exception here (disconnect) leaves the item first in line for next time.
+            await publish(topic, item.payload)
+            outbox.remove(item)
+            log.debug("delivered %s: %s", topic, truncate_for_log(item.payload))
+
+    # -- internals ------------------------------------------------------------------
+    def _require_journal(self) -> CommandJournal:
+        if self._journal is None:
+            msg = "CommandService.start() must be awaited first"
+            raise RuntimeError(msg)
+        return self._journal
+
+    def _require_outbox(self) -> ResultOutbox:
+        if self._outbox is None:
+            msg = "CommandService.start() must be awaited first"
+            raise RuntimeError(msg)
+        return self._outbox
+
+    @staticmethod
+    def _entry(request: CommandRequest, now: datetime) -> JournalEntry:
+        return JournalEntry(
+            command_id=request.command_id,
+            state="accepted",
+            expires_at=request.expires_at,
+            accepted_at=now,
+            request=request,
+        )
+
+    @staticmethod
+    def _done(entry: JournalEntry, *, started_at: datetime | None) -> JournalEntry:
+        return JournalEntry(
+            command_id=entry.command_id,
+            state="done",
+            expires_at=entry.expires_at,
+            accepted_at=entry.accepted_at,
+            started_at=started_at,
+        )
+
+    def _put_result(self, command_id: str, payload: bytes) -> None:
+        self._require_outbox().put(command_id, payload)
+        self._outbox_ready.set()
+
+    def _report_unstarted(
+        self,
+        entry: JournalEntry,
+        status: Literal["failed", "timeout"],
+        error: str,
+        *,
+        started_at: datetime | None = None,
+    ) -> None:
+        """Report a final result for a command that will not run (now), and journal it."""
+        finished = CommandFinished(
+            command_id=entry.command_id,
+            node_id=self._node_id,
+            status=status,
+            started_at=started_at,
+            completed_at=utc_now(),
+            error=_error_text(error),
+        )
+        # Outbox before journal: a crash in between resends, it never loses the result.
+        self._put_result(entry.command_id, encode(finished))
+        self._require_journal().record(self._done(entry, started_at=started_at))
+
+    def _maybe_prune(self, now: datetime) -> None:
+        if time.monotonic() - self._last_prune < _PRUNE_INTERVAL_S:
+            return
+        self._last_prune = time.monotonic()
+        pruned = self._require_journal().prune(now)
+        if pruned:
+            log.debug("pruned %d expired command ids", pruned)
