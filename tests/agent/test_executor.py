@@ -100,9 +100,7 @@ async def test_stdin_is_dev_null_so_prompts_fail_fast() -> None:
 
 
 async def test_timeout_kills_the_whole_process_tree() -> None:
-    result = await executor(grace=0.2).run(
-        "echo $$; sleep 300 & echo $!; sleep 300", timeout_s=0.5
-    )
+    result = await executor(grace=0.2).run("echo $$; sleep 300 & echo $!; sleep 300", timeout_s=0.5)
     assert result.status == "timeout"
     assert result.exit_code is None
     assert "timed out after 0.5 s" in (result.error or "")
@@ -181,9 +179,7 @@ async def test_environment_is_documented_and_not_inherited(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("AGENT_SECRET", "hunter2")
-    result = await executor().run(
-        "env", timeout_s=10, extra_env={"MQFLEET_COMMAND_ID": "c-1"}
-    )
+    result = await executor().run("env", timeout_s=10, extra_env={"MQFLEET_COMMAND_ID": "c-1"})
     env = dict(line.split("=", 1) for line in result.stdout.text.splitlines())
     env.pop("PWD", None)  # the shell sets it itself
     assert set(env) == {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "MQFLEET_COMMAND_ID"}
