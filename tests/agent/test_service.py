@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Self
 
 import aiomqtt
@@ -22,7 +23,7 @@ import mqfleet
 from mqfleet.agent import AgentService, run_agent
 from mqfleet.errors import AuthenticationError
 from mqfleet.localbroker import LocalBroker
-from mqfleet.protocol import StatusReport, Topics, encode
+from mqfleet.protocol import CommandRequest, StatusReport, Topics, encode, utc_now
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -158,9 +159,15 @@ def status_of(node_id: str, **match: Any) -> Callable[[Recorder], dict[str, Any]
     return predicate
 
 
-async def test_birth_is_retained_with_every_field_and_metrics_count_up(mosquitto, make_settings):
+@pytest.mark.parametrize("mqtt_version", ["5", "3.1.1"])
+async def test_birth_is_retained_with_every_field_and_metrics_count_up(
+    mosquitto, make_settings, mqtt_version
+):
     settings = make_settings(
-        broker_url=mosquitto.url, node_id="web-1", metrics_interval_s=INTERVAL_S
+        broker_url=mosquitto.url,
+        node_id="web-1",
+        metrics_interval_s=INTERVAL_S,
+        mqtt_version=mqtt_version,
     )
     async with Recorder(mosquitto.port) as recorder, running(run_agent(settings)):
         birth = await recorder.wait_for(status_of("web-1", status="online"), "the birth")
@@ -248,6 +255,33 @@ async def test_killed_agent_leaves_a_retained_offline_connection_lost(
         "reason": "connection lost",
     }
     assert await retained_status(mosquitto.port, "edge-7") == offline
+
+
+async def test_sigterm_to_the_agent_command_publishes_shutdown_and_exits_0(mosquitto, tmp_path):
+    env = {
+        **os.environ,
+        "MQFLEET_BROKER_URL": mosquitto.url,
+        "MQFLEET_NODE_ID": "edge-8",
+        "MQFLEET_STATE_DIR": str(tmp_path / "edge-8"),
+        "MQFLEET_KEEPALIVE_S": "2",
+    }
+    async with Recorder(mosquitto.port) as recorder:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mqfleet", "agent", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            birth = await recorder.wait_for(status_of("edge-8", status="online"), "the birth")
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(DEADLINE_S):
+                _, stderr = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, stderr.decode()
+        offline = await recorder.wait_for(status_of("edge-8", status="offline"), "offline")
+    assert offline["reason"] == "shutdown"
+    assert offline["session"] == birth["session"]
 
 
 async def test_broker_restart_loses_no_metric(tmp_path, make_settings):
@@ -414,3 +448,85 @@ async def test_bad_credentials_stop_the_agent_with_authentication_error(tmp_path
             await recorder.wait_for(status_of("web-5", status="online"), "the birth")
     finally:
         broker.stop()
+
+
+class FakeCommands:
+    """Stands in for CommandService: records what the agent routes to it."""
+
+    def __init__(self, result_topic: str) -> None:
+        self.started = 0
+        self.accepted: list[bytes] = []
+        self.result_topic = result_topic
+        self.got_command = asyncio.Event()
+
+    async def start(self) -> None:
+        self.started += 1
+
+    def accept(self, payload: bytes) -> None:
+        self.accepted.append(payload)
+        self.got_command.set()
+
+    async def run_loop(self) -> None:
+        await asyncio.Event().wait()
+
+    async def deliver_loop(self, publish: Callable[[str, bytes], Any]) -> None:
+        # Publishes through the agent's connection once it has a command to answer.
+        await self.got_command.wait()
+        await publish(self.result_topic, b'{"fake": "result"}')
+        await asyncio.Event().wait()
+
+
+def command_payload(node_id: str, command_id: str) -> bytes:
+    now = utc_now()
+    return encode(
+        CommandRequest(
+            command_id=command_id,
+            node_id=node_id,
+            command_text="uptime",
+            timeout_s=10,
+            created_at=now,
+            expires_at=now + timedelta(minutes=5),
+            issuer="test",
+        )
+    )
+
+
+async def test_commands_are_routed_and_results_published(mosquitto, make_settings):
+    settings = make_settings(broker_url=mosquitto.url, node_id="app-1", metrics_interval_s=1)
+    fake = FakeCommands(TOPICS.result("app-1", "c-1"))
+    service = AgentService(settings, commands=fake)  # type: ignore[arg-type]
+    payload = command_payload("app-1", "c-1")
+    async with Recorder(mosquitto.port) as recorder, running(service.run()):
+        await recorder.wait_for(status_of("app-1", status="online"), "the birth")
+        async with aiomqtt.Client(
+            "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
+        ) as operator:
+            await operator.publish(TOPICS.commands("app-1"), payload, qos=1)
+        await recorder.wait_for(lambda r: r.of(TOPICS.result("app-1", "c-1")), "the result")
+    assert fake.started == 1
+    assert fake.accepted == [payload]
+
+
+async def test_commands_sent_while_the_agent_is_down_arrive_when_it_returns(
+    mosquitto, make_settings
+):
+    settings = make_settings(broker_url=mosquitto.url, node_id="app-2", metrics_interval_s=1)
+    async with Recorder(mosquitto.port) as recorder:
+        first = FakeCommands(TOPICS.result("app-2", "c-0"))
+        async with running(AgentService(settings, commands=first).run()):  # type: ignore[arg-type]
+            birth = await recorder.wait_for(status_of("app-2", status="online"), "first birth")
+        # The agent is down (clean shutdown); its broker session keeps the subscription.
+        payload = command_payload("app-2", "c-2")
+        async with aiomqtt.Client(
+            "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
+        ) as operator:
+            await operator.publish(TOPICS.commands("app-2"), payload, qos=1)
+        second = FakeCommands(TOPICS.result("app-2", "c-2"))
+        async with running(AgentService(settings, commands=second).run()):  # type: ignore[arg-type]
+            rebirth = await recorder.wait_for(
+                status_of("app-2", status="online", session=birth["session"] + 1), "second birth"
+            )
+            await recorder.wait_for(lambda _: second.accepted, "the queued command")
+    assert second.accepted == [payload]
+    # A restarted agent continues the session sequence from its state dir.
+    assert rebirth["session"] == birth["session"] + 1

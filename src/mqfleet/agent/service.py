@@ -142,11 +142,12 @@ class AgentService:
         await asyncio.to_thread(self._probe.prime)
         await self._commands.start()
         fatal: MqfleetError | None = None
+        # In a task of its own, like the per-connection loops: on Python 3.11 a failing
+        # TaskGroup child leaves the parent's cancel count raised, which would leak into
+        # the caller's task (and its asyncio.timeout / TaskGroup bookkeeping).
+        loops = asyncio.create_task(self._lifetime_loops(), name="agent_loops")
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._metrics_loop(), name="metrics_loop")
-                tg.create_task(self._connection_loop(), name="connection_loop")
-                tg.create_task(self._commands.run_loop(), name="command_run_loop")
+            await loops
         except BaseExceptionGroup as group:
             leaves = _leaves(group)
             # One expected failure (bad credentials, unusable state dir) is raised as
@@ -156,6 +157,12 @@ class AgentService:
             fatal = leaves[0]
         if fatal is not None:
             raise fatal
+
+    async def _lifetime_loops(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._metrics_loop(), name="metrics_loop")
+            tg.create_task(self._connection_loop(), name="connection_loop")
+            tg.create_task(self._commands.run_loop(), name="command_run_loop")
 
     async def _new_session(self) -> None:
         self.session = await asyncio.to_thread(self._sessions.allocate)
@@ -270,10 +277,15 @@ class AgentService:
         client = self._client(session)
         # aiomqtt warns above 10 pending publishes; a full window is expected here.
         client.pending_calls_threshold = PUBLISH_WINDOW + 16
+        connected = False
         try:
             async with client:
+                connected = True
                 await self._serve(client, session)
         except aiomqtt.MqttError as exc:
+            if connected:
+                msg = f"lost the connection to broker {self._settings.broker}: {exc}"
+                raise BrokerError(msg) from exc
             raise as_broker_error(exc, self._settings) from exc
 
     async def _subscribe(self, client: aiomqtt.Client, topic: str) -> None:
