@@ -369,6 +369,33 @@ async def test_stale_offline_for_the_current_session_brings_the_birth_back(
         assert retained["session"] == session
 
 
+async def test_a_reset_state_dir_jumps_past_the_session_the_broker_remembers(
+    mosquitto, make_settings
+):
+    # The node ran before with session 100; its state dir is gone (fresh container).
+    remembered = StatusReport(
+        node_id="web-6", status="offline", session=100, reason="connection lost"
+    )
+    async with aiomqtt.Client(
+        "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as old:
+        await old.publish(TOPICS.status("web-6"), encode(remembered), qos=1, retain=True)
+    settings = make_settings(broker_url=mosquitto.url, node_id="web-6", metrics_interval_s=1)
+    async with Recorder(mosquitto.port) as recorder, running(run_agent(settings)):
+        birth = await recorder.wait_for(
+            lambda r: next(
+                (
+                    p
+                    for p in r.of(TOPICS.status("web-6"))
+                    if p["status"] == "online" and p["session"] > 100
+                ),
+                None,
+            ),
+            "a birth above session 100",
+        )
+    assert birth["session"] == 101
+
+
 @dataclass
 class FlakySource:
     """Recorded values, except that reads fail while ``failing`` is set."""

@@ -68,3 +68,12 @@ def test_state_dir_that_cannot_be_created(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(AgentStateError, match="cannot create agent state dir"):
         ensure_state_dir(blocker / "state")
+
+
+def test_advance_past_a_session_seen_elsewhere(tmp_path):
+    counter = SessionCounter(tmp_path)
+    counter.allocate()
+    counter.advance_past(41)
+    assert counter.allocate() == 42
+    counter.advance_past(10)  # never backwards
+    assert counter.allocate() == 43

@@ -394,26 +394,33 @@ class AgentService:
             if topic == self._commands_topic:
                 self._commands.accept(payload)
             elif topic == self._status_topic:
-                self._check_own_status(payload, session)
+                newer = self._check_own_status(payload, session)
+                if newer is not None:
+                    await asyncio.to_thread(self._sessions.advance_past, newer)
+                    msg = f"reconnecting with a session above {newer}"
+                    raise BrokerError(msg)
             else:
                 log.debug("ignoring message on %s: %s", topic, truncate_for_log(payload))
 
-    def _check_own_status(self, payload: bytes, session: int) -> None:
+    def _check_own_status(self, payload: bytes, session: int) -> int | None:
+        """Act on a status of our own node; return a session newer than ours, if seen."""
         try:
             report = decode_status(payload)
         except ProtocolError as exc:
             log.warning("ignoring invalid payload on %s: %s", self._status_topic, exc)
-            return
+            return None
         if report.session > session:
+            # Every receiver would ignore our status as stale: jump past that session.
             log.warning(
-                "%s carries session %d, newer than ours (%d): is another agent running "
-                "with node id %s?",
+                "%s carries session %d, newer than ours (%d): the agent state dir was "
+                "reset, or another agent runs with node id %s",
                 self._status_topic,
                 report.session,
                 session,
                 self._node_id,
             )
-        elif report.session == session and report.status == "offline":
+            return report.session
+        if report.session == session and report.status == "offline":
             # Someone says our live session is offline (a late Will, a collector's
             # heartbeat verdict): republish the truth so every subscriber sees it.
             log.warning(
@@ -423,6 +430,7 @@ class AgentService:
                 report.reason or "no reason",
             )
             self._status_changed.set()
+        return None
 
     async def _status_loop(self, client: aiomqtt.Client, session: int) -> None:
         """Publish the status again whenever it changes or is contradicted."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 from mqfleet.errors import AgentStateError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 __all__ = ["SESSION_FILE_NAME", "SessionCounter", "ensure_state_dir"]
@@ -73,18 +74,35 @@ class SessionCounter:
 
     def allocate(self) -> int:
         """Return a session number greater than every one returned before, durably."""
+        with self._locked():
+            session = self.current() + 1
+            self._write(session)
+        log.debug("allocated session %d", session)
+        return session
+
+    def advance_past(self, seen: int) -> None:
+        """Make the next :meth:`allocate` return more than ``seen`` (a session seen elsewhere).
+
+        The broker may remember a session newer than our file, e.g. after the state dir
+        was lost (a container without a volume): receivers would ignore every status of
+        ours as stale until our numbers pass theirs.
+        """
+        with self._locked():
+            if self.current() < seen:
+                self._write(seen)
+                log.info("session counter advanced to %d", seen)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         ensure_state_dir(self._dir)
-        # The lock serialises read-increment-write if two processes share a state dir.
+        # The lock serialises read-modify-write if two processes share a state dir.
         try:
             lock = (self._dir / _LOCK_FILE_NAME).open("a")
         except OSError as exc:
             raise AgentStateError(f"cannot lock {self._dir}: {exc.strerror}") from exc
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            session = self.current() + 1
-            self._write(session)
-        log.debug("allocated session %d", session)
-        return session
+            yield
 
     def _write(self, session: int) -> None:
         tmp = self.path.with_name(f".{SESSION_FILE_NAME}.{os.getpid()}.tmp")
