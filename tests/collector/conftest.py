@@ -81,7 +81,8 @@ class MqttPeer:
             return list(self.received)
 
 
-def _peer(broker: LocalBroker) -> MqttPeer:
+def make_peer(broker: LocalBroker, *, max_inflight: int = 20) -> MqttPeer:
+    """A connected plain MQTT 5 client (call ``client.disconnect``/``loop_stop`` after)."""
     client = Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"test-{uuid.uuid4().hex[:8]}",
@@ -94,6 +95,7 @@ def _peer(broker: LocalBroker) -> MqttPeer:
             peer.received.append(msg)
 
     client.on_message = on_message
+    client.max_inflight_messages_set(max_inflight)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     return peer
@@ -102,7 +104,7 @@ def _peer(broker: LocalBroker) -> MqttPeer:
 @pytest.fixture
 def mqtt(mosquitto: LocalBroker) -> Iterator[MqttPeer]:
     """A connected plain MQTT client."""
-    peer = _peer(mosquitto)
+    peer = make_peer(mosquitto)
     try:
         yield peer
     finally:
