@@ -25,16 +25,19 @@ MAY_IMPORT: dict[str, set[str]] = {
     # Self-contained building blocks (tokens, ACL, signatures) that each side picks from.
     "security": {"protocol", "settings", "errors"},
     "agent": {"protocol", "settings", "transport", "errors", "security"},
+    # The fleet simulator (bench/) speaks the protocol like many agents at once.
+    "simulator": {"protocol", "settings", "transport", "errors", "localbroker"},
     "collector": {"protocol", "settings", "transport", "store", "errors", "security"},
     "cli": {
         "protocol", "settings", "transport", "store", "errors", "localbroker", "security",
-        "agent", "collector",
+        "agent", "collector", "simulator",
     },
 }
 #: Third-party packages a component must never import, even lazily.
 NEVER_IMPORTS: dict[str, set[str]] = {
     # The agent runs on small edge devices: no database layer at all.
     "agent": {"sqlalchemy", "sqlmodel", "alembic", "psycopg"},
+    "simulator": {"sqlalchemy", "sqlmodel", "alembic", "psycopg"},
     "protocol": {"sqlalchemy", "sqlmodel", "aiomqtt", "paho", "click", "psutil"},
     # Nothing in security talks to the network or the database (its docstring's promise).
     "security": {"sqlalchemy", "sqlmodel", "alembic", "psycopg", "aiomqtt", "paho"},
@@ -43,7 +46,7 @@ NEVER_IMPORTS: dict[str, set[str]] = {
 PROTOCOL_THIRD_PARTY = {"pydantic", "pydantic_core", "typing_extensions"}
 #: Components the CLI may import only inside functions (keeps start-up lean, and
 #: ``mqfleet nodes`` on a server never loads the agent).
-CLI_LAZY_ONLY = {"agent", "collector"}
+CLI_LAZY_ONLY = {"agent", "collector", "simulator"}
 
 
 @dataclass(frozen=True)
