@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
 import mqfleet
 import mqfleet.protocol
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PACKAGE_API = {
     "AgentStateError",
@@ -65,8 +70,6 @@ def test_protocol_all() -> None:
 
 
 def test_version_matches_the_distribution() -> None:
-    from importlib.metadata import version  # noqa: PLC0415
-
     assert mqfleet.__version__ == version("mqfleet")
 
 
@@ -107,10 +110,15 @@ def test_protocol_reexports_its_submodules() -> None:
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
-    from pathlib import Path  # noqa: PLC0415
-
-    root = Path(__file__).resolve().parents[1]
     command = "./scripts/install --dev && ./scripts/test"
-    assert command in (root / "README.md").read_text()
-    ci = (root / ".ci" / "run").read_text()
+    assert command in (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     assert f"\n{command} || status=$?\n" in ci
+
+
+def test_readme_links_resolve() -> None:
+    links = re.findall(r"\]\(([^)#]+)\)", (ROOT / "README.md").read_text())
+    local = [link for link in links if "://" not in link]
+    assert local
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert missing == []
