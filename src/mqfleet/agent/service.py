@@ -67,6 +67,10 @@ SAMPLE_FAILURES_FOR_ERROR: Final = 3
 #: messages of one connection in order (MQTT 5 spec 4.6), so a window keeps the order
 #: while a day of backlog drains in seconds instead of one round trip per sample.
 PUBLISH_WINDOW: Final = 16
+#: A connection that lasted this long resets the backoff. One dropped right after its
+#: birth (another agent with our node id takes the client id over) keeps backing off,
+#: so two such agents cannot hammer the broker.
+STABLE_CONNECTION_S: Final = 10.0
 #: A read of the probes never gets less time than this, whatever the interval.
 MIN_SAMPLE_TIMEOUT_S: Final = 5.0
 #: How long a clean shutdown waits for the broker to acknowledge the offline status.
@@ -133,6 +137,7 @@ class AgentService:
         self._status: NodeStatus = "online"
         self._reason: str | None = None
         self._status_changed = asyncio.Event()
+        self._online_since: float | None = None
 
     # -- lifetime -------------------------------------------------------------------
     async def run(self) -> None:
@@ -250,6 +255,10 @@ class AgentService:
             except AuthenticationError:
                 raise
             except BrokerError as exc:
+                online_since, self._online_since = self._online_since, None
+                now = asyncio.get_running_loop().time()
+                if online_since is not None and now - online_since >= STABLE_CONNECTION_S:
+                    self._backoff.reset()
                 delay = self._backoff.next_delay()
                 log.warning(
                     "%s; reconnecting in %.1f s (attempt %d)", exc, delay, self._backoff.attempt + 1
@@ -309,7 +318,7 @@ class AgentService:
             self._ip_address = await asyncio.to_thread(ip_address, broker.host, broker.port)
             self._status_changed.clear()  # the birth carries the current status
             await self._publish_status(client, session)
-            self._backoff.reset()
+            self._online_since = asyncio.get_running_loop().time()
             # The loops' TaskGroup runs in a task of its own: on Python 3.11 a TaskGroup
             # whose child fails leaves its parent task's cancel count raised, and this
             # task must be able to trust cancelling() to tell a shutdown from a broken
