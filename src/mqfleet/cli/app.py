@@ -456,9 +456,11 @@ def collector(state: CliState) -> int:
 
 def _register_commands() -> None:
     from mqfleet.cli.run import run  # noqa: PLC0415 - avoids an import cycle
+    from mqfleet.cli.simulate import simulate  # noqa: PLC0415 - idem
     from mqfleet.cli.up import up  # noqa: PLC0415 - idem
 
     cli.add_command(run)
+    cli.add_command(simulate)
     cli.add_command(up)
 
 
