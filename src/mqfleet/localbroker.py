@@ -7,8 +7,10 @@ rewritten; every other line (limits, TCP_NODELAY, persistence) is the production
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -25,6 +27,7 @@ __all__ = [
     "LocalBroker",
     "find_broker_config",
     "free_port",
+    "raise_nofile_limit",
     "render_local_config",
 ]
 
@@ -69,6 +72,18 @@ def render_local_config(
         # data dir owned by root: keep root for a private, loopback-only broker.
         lines.append("user root")
     return "\n".join(lines) + "\n"
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft open-files limit to the hard one (run in mosquitto's child).
+
+    Mosquitto needs one descriptor per client and never raises its own limit: at the
+    usual soft limit of 1024 it silently stops accepting at about 1,016 clients.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -140,6 +155,7 @@ class LocalBroker:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=raise_nofile_limit,  # noqa: PLW1509 - only setrlimit, async-signal-safe
         )
         try:
             _wait_for_port(self.host, self.port, time.monotonic() + timeout_s, self._proc)
