@@ -1,0 +1,81 @@
+"""The collector's broker connection: restarts and bad credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from typing import TYPE_CHECKING
+
+import pytest
+
+from mqfleet.collector import Collector
+from mqfleet.errors import AuthenticationError
+from mqfleet.localbroker import LocalBroker
+
+from .conftest import TOPICS, StartCollector, make_peer, metric, rows, wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    import sqlalchemy as sa
+
+    from mqfleet.settings import Settings
+
+    from .conftest import MqttPeer
+
+pytestmark = pytest.mark.integration
+
+
+async def test_broker_restart_loses_no_metric(
+    start_collector: StartCollector, mqtt: MqttPeer, mosquitto: LocalBroker, db: sa.Engine
+) -> None:
+    collector = await start_collector()
+    for seq in range(50):
+        mqtt.publish(TOPICS.metrics("r-1"), metric("r-1", 1, seq))
+    await wait_until(lambda: collector.stats.metrics >= 50, what="first half")
+
+    mosquitto.restart()
+    await wait_until(collector.ready.is_set, what="collector reconnected")
+    peer = make_peer(mosquitto)
+    try:
+        for seq in range(50, 100):
+            peer.publish(TOPICS.metrics("r-1"), metric("r-1", 1, seq))
+    finally:
+        peer.client.disconnect()
+        peer.client.loop_stop()
+    await wait_until(
+        lambda: rows(db, "SELECT count(*) FROM node_metrics")[0][0] == 100, what="all stored"
+    )
+
+
+@pytest.fixture
+def password_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker that knows one account, collector:right."""
+    passwd = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwd), "collector", "right"],
+        check=True,
+        capture_output=True,
+    )
+    passwd.chmod(0o600)
+    broker = LocalBroker(
+        data_dir=tmp_path / "auth-broker", extra_config=f"password_file {passwd}\n"
+    )
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def test_bad_credentials_stop_the_collector(
+    password_broker: LocalBroker, migrated_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(
+        broker_url=f"mqtt://collector:wrong@127.0.0.1:{password_broker.port}",
+        database_url=migrated_url,
+    )
+    async with asyncio.timeout(20):
+        with pytest.raises(AuthenticationError, match="refused"):
+            await Collector(settings).run()
