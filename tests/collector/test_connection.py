@@ -10,7 +10,7 @@ import pytest
 
 from mqfleet.collector import Collector
 from mqfleet.errors import AuthenticationError
-from mqfleet.localbroker import LocalBroker
+from mqfleet.localbroker import LocalBroker, find_broker_config
 
 from .conftest import TOPICS, StartCollector, make_peer, metric, rows, wait_until
 
@@ -52,16 +52,21 @@ async def test_broker_restart_loses_no_metric(
 @pytest.fixture
 def password_broker(tmp_path: Path) -> Iterator[LocalBroker]:
     """A broker that knows one account, collector:right."""
-    passwd = tmp_path / "passwd"
+    data_dir = tmp_path / "auth-broker"
+    data_dir.mkdir()
+    # LocalBroker points a shipped password_file line at data_dir/passwd; a config
+    # without one gets it added here.
+    passwd = data_dir / "passwd"
     subprocess.run(
         ["mosquitto_passwd", "-b", "-c", str(passwd), "collector", "right"],
         check=True,
         capture_output=True,
     )
     passwd.chmod(0o600)
-    broker = LocalBroker(
-        data_dir=tmp_path / "auth-broker", extra_config=f"password_file {passwd}\n"
-    )
+    shipped = find_broker_config().read_text().splitlines()
+    has_password_file = any(line.split()[:1] == ["password_file"] for line in shipped)
+    extra = "" if has_password_file else f"password_file {passwd}\n"
+    broker = LocalBroker(data_dir=data_dir, extra_config=extra)
     broker.start()
     try:
         yield broker
