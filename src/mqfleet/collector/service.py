@@ -511,18 +511,13 @@ class Collector:
     async def _shutdown(self, engine: Engine) -> None:
         self._stopping = True
         client = self._client
+        stopped = False
         try:
             async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
                 await self._final_flush()
-                if client is not None and client.is_connected():
-                    info = client.publish(
-                        self._topics.collector_status(),
-                        self._status_payload("offline", "shutdown"),
-                        qos=1,
-                        retain=True,
-                    )
-                    with contextlib.suppress(RuntimeError, ValueError):
-                        await asyncio.to_thread(info.wait_for_publish, 2.0)
+                if client is not None:
+                    await self._say_goodbye(client)
+                    stopped = True
         except TimeoutError:
             log.warning(
                 "shutdown took longer than %.0fs; the broker will redeliver the rest",
@@ -530,14 +525,30 @@ class Collector:
             )
         finally:
             if client is not None:
-                # Stop the network thread first, then send DISCONNECT from here: paho's
-                # thread would otherwise log a spurious error for the closed socket.
-                # A normal DISCONNECT keeps the session and suppresses our Will.
-                await asyncio.to_thread(client.loop_stop)
+                if not stopped:
+                    await asyncio.to_thread(client.loop_stop)
+                # With the network thread gone this sends DISCONNECT from here. A normal
+                # DISCONNECT keeps our session (messages queue for us) and no Will fires.
                 client.disconnect()
             self._db.shutdown(wait=True)
             engine.dispose()
             log.info("collector stopped")
+
+    async def _say_goodbye(self, client: Client) -> None:
+        """Publish offline (retained) and let paho's thread end once it is acknowledged."""
+        # loop_stop() makes paho's thread exit as soon as nothing is left to send or
+        # acknowledge; our offline status and the last acks are among those, so they go
+        # out first. Publishing wakes the thread from its 1 s select at once.
+        stopper = asyncio.ensure_future(asyncio.to_thread(client.loop_stop))
+        await asyncio.sleep(0.05)  # let loop_stop raise its flag before we wake the thread
+        if client.is_connected():
+            client.publish(
+                self._topics.collector_status(),
+                self._status_payload("offline", "shutdown"),
+                qos=1,
+                retain=True,
+            )
+        await asyncio.shield(stopper)
 
     async def _final_flush(self) -> None:
         writer = self._writer
