@@ -1,21 +1,41 @@
-"""Shared fixtures: a private mosquitto per test, SQLite and PostgreSQL databases.
+"""Shared fixtures: a private mosquitto per test, SQLite and PostgreSQL databases, keys.
 
 Tests never use the machine's own mosquitto (its config is not ours): each broker is
-started from the project's broker/mosquitto.conf on a free loopback port.
+started from the project's broker/mosquitto.conf on a free loopback port. ``mosquitto``
+is the open mode for component tests that are not about security (anonymous clients
+welcome); ``secure_mosquitto`` runs the production settings (accounts + ACL).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.client import CallbackAPIVersion, Client
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from mqfleet.localbroker import LocalBroker
+from mqfleet.protocol import CommandRequest, decode_command, encode
+from mqfleet.security import (
+    COLLECTOR_ACCOUNT,
+    OPERATOR_ACCOUNT,
+    add_account,
+    broker_url_with_credentials,
+    generate_token,
+    remove_account,
+    render_acl,
+    sign_command,
+)
+from mqfleet.security.signing import save_private_key, save_public_key
 from mqfleet.settings import Settings, load_settings
 from mqfleet.store.engine import create_store_engine, upgrade
 
@@ -37,13 +57,151 @@ def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[LocalBroker]:
-    """A private mosquitto with the project's config on a free loopback port."""
-    broker = LocalBroker(data_dir=tmp_path / "mosquitto")
+    """A private mosquitto with the project's config, open mode (anonymous clients allowed)."""
+    broker = LocalBroker(data_dir=tmp_path / "mosquitto", auth=False)
     broker.start()
     try:
         yield broker
     finally:
         broker.stop()
+
+
+def can_log_in(host: str, port: int, username: str, password: str) -> bool:
+    """Whether the broker accepts these credentials now (one MQTT 5 CONNECT, no retry)."""
+    client = Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"probe-{uuid.uuid4().hex[:8]}",
+        protocol=MQTTProtocolVersion.MQTTv5,
+        reconnect_on_failure=False,
+    )
+    client.username_pw_set(username, password)
+    answered = threading.Event()
+    accepted: list[bool] = []
+
+    def on_connect(_c: Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        accepted.append(not rc.is_failure)
+        answered.set()
+
+    client.on_connect = on_connect
+    client.connect(host, port, keepalive=10)
+    client.loop_start()
+    try:
+        answered.wait(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return accepted == [True]
+
+
+@dataclass
+class SecureBroker:
+    """A mosquitto running the production auth settings, with helpers to manage accounts."""
+
+    broker: LocalBroker
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return self.broker.host
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    @property
+    def url(self) -> str:
+        """The broker URL without credentials (anonymous: refused)."""
+        return self.broker.url
+
+    def url_for(self, account: str) -> str:
+        """The broker URL with ``account``'s credentials."""
+        return broker_url_with_credentials(
+            self.broker.url, username=account, password=self.tokens[account]
+        )
+
+    def provision(self, *accounts: str) -> None:
+        """Create accounts (new tokens), reload, and wait until the broker accepts them."""
+        for account in accounts:
+            self.tokens[account] = generate_token()
+            add_account(self.broker.password_file, account, self.tokens[account])
+        if self.broker.pid is not None:
+            self.broker.reload()
+            for account in accounts:
+                self._wait(lambda a=account: can_log_in(self.host, self.port, a, self.tokens[a]))
+
+    def revoke(self, account: str) -> None:
+        """Remove ``account`` and reload the broker (its live connections are closed)."""
+        token = self.tokens.pop(account)
+        remove_account(self.broker.password_file, account)
+        self.broker.reload()
+        self._wait(lambda: not can_log_in(self.host, self.port, account, token))
+
+    @staticmethod
+    def _wait(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, "the broker did not take the account change"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def secure_mosquitto(tmp_path: Path) -> Iterator[SecureBroker]:
+    """Mosquitto with allow_anonymous false, the fleet ACL and accounts operator, collector.
+
+    ``secure_mosquitto.provision("web-1")`` adds node accounts; ``url_for(name)`` gives
+    the broker URL with that account's token.
+    """
+    broker = LocalBroker(data_dir=tmp_path / "secure-mosquitto")
+    broker.data_dir.mkdir(parents=True)
+    broker.acl_file.write_text(render_acl())
+    secure = SecureBroker(broker)
+    secure.provision(OPERATOR_ACCOUNT, COLLECTOR_ACCOUNT)
+    broker.start()
+    try:
+        yield secure
+    finally:
+        broker.stop()
+
+
+@dataclass
+class OperatorKey:
+    """A test operator key pair; agents built by ``make_settings`` trust it."""
+
+    private_key: Ed25519PrivateKey
+    private_file: Path
+    public_file: Path
+
+    def sign(self, request: CommandRequest) -> CommandRequest:
+        return sign_command(request, self.private_key)
+
+    def sign_payload(self, payload: bytes) -> bytes:
+        return encode(self.sign(decode_command(payload)))
+
+
+def trust_key(
+    private_key: Ed25519PrivateKey, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> OperatorKey:
+    """Save a key pair under ``directory`` and point the MQFLEET_OPERATOR_* settings at it."""
+    key = OperatorKey(private_key, directory / "operator.key", directory / "operator.pub")
+    save_private_key(private_key, key.private_file)
+    save_public_key(private_key.public_key(), key.public_file)
+    monkeypatch.setenv("MQFLEET_OPERATOR_PRIVATE_KEY_FILE", str(key.private_file))
+    monkeypatch.setenv("MQFLEET_OPERATOR_PUBLIC_KEY_FILE", str(key.public_file))
+    return key
+
+
+@pytest.fixture
+def operator_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> OperatorKey:
+    """A fresh operator key pair that agents trust and the CLI signs with (via MQFLEET_*)."""
+    return trust_key(Ed25519PrivateKey.generate(), tmp_path / "operator-keys", monkeypatch)
+
+
+@pytest.fixture
+def trusted_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[Ed25519PrivateKey], OperatorKey]:
+    """Make the CLI sign with, and agents trust, a key the test module made itself."""
+    return lambda key: trust_key(key, tmp_path / "operator-keys", monkeypatch)
 
 
 def _postgres_available() -> str | None:

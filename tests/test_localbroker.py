@@ -58,6 +58,50 @@ def test_render_rewrites_only_listener_persistence_and_pid(tmp_path: Path) -> No
     assert ("user root" in lines) == (os.geteuid() == 0)
 
 
+def test_render_keeps_authentication_on_with_paths_in_the_data_dir(tmp_path: Path) -> None:
+    lines = render_local_config(REPO_CONFIG.read_text(), port=5, data_dir=tmp_path).splitlines()
+    assert "allow_anonymous false" in lines
+    assert "allow_anonymous true" not in lines
+    assert f"password_file {tmp_path / 'passwd'}" in lines
+    assert f"acl_file {tmp_path / 'acl'}" in lines
+    assert not any("/etc/mosquitto" in line for line in lines if not line.startswith("#"))
+
+
+def test_render_open_mode_allows_anonymous_and_drops_the_auth_files(tmp_path: Path) -> None:
+    text = render_local_config(REPO_CONFIG.read_text(), port=5, data_dir=tmp_path, auth=False)
+    lines = text.splitlines()
+    assert "allow_anonymous true" in lines
+    assert not any(line.startswith(("password_file", "acl_file")) for line in lines)
+
+
+def test_shipped_config_refuses_anonymous_clients() -> None:
+    settings = [line for line in REPO_CONFIG.read_text().splitlines() if line.strip()]
+    assert "allow_anonymous false" in settings
+    assert "allow_anonymous true" not in settings
+    assert "password_file /etc/mosquitto/mqfleet/passwd" in settings
+    assert "acl_file /etc/mosquitto/mqfleet/acl" in settings
+    assert "per_listener_settings false" in settings  # so it covers every listener
+
+
+@pytest.mark.integration
+def test_default_broker_refuses_anonymous_and_open_mode_accepts(tmp_path: Path) -> None:
+    async def connect(broker: LocalBroker) -> None:
+        async with aiomqtt.Client(
+            broker.host, broker.port, identifier="t-anon", protocol=aiomqtt.ProtocolVersion.V5
+        ) as client:
+            await client.publish("t/x", b"x", qos=1)
+
+    with LocalBroker(data_dir=tmp_path / "secure") as secure:
+        # The empty password file and ACL it creates let nobody in and allow nothing.
+        assert secure.password_file.stat().st_mode & 0o777 == 0o600
+        assert secure.acl_file.read_text() == ""
+        with pytest.raises(aiomqtt.MqttError, match="Not authorized"):
+            asyncio.run(connect(secure))
+    with LocalBroker(data_dir=tmp_path / "open", auth=False) as open_broker:
+        asyncio.run(connect(open_broker))
+        assert not open_broker.password_file.exists()
+
+
 def test_render_leaves_comments_alone(tmp_path: Path) -> None:
     text = render_local_config("# listener 1883\nlistener 1 ::1\n", port=5, data_dir=tmp_path)
     assert text.startswith("# listener 1883\nlistener 5 127.0.0.1\n")
@@ -91,7 +135,7 @@ def test_bad_config_fails_fast_with_exit_code(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_start_stop_restart_keep_port_and_retained_messages(tmp_path: Path) -> None:
-    broker = LocalBroker(data_dir=tmp_path / "b")
+    broker = LocalBroker(data_dir=tmp_path / "b", auth=False)
     broker.start()
     try:
         assert broker.pid is not None

@@ -35,18 +35,18 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[LocalBroker, int, Path, str]]:
         check=True,
         capture_output=True,
     )
+    tls_port = free_port()
+    # The shipped example, with its paths and port pointed at this test's files, on top
+    # of the shipped config (authentication on, password file and ACL in the data dir).
+    example = (REPO / "broker" / "secure.conf.example").read_text()
+    example = example.replace("/etc/mosquitto/mqfleet/certs/", f"{certs}/")
+    example = example.replace("listener 8883", f"listener {tls_port} 127.0.0.1")
+    broker = LocalBroker(data_dir=tmp_path / "mosquitto", extra_config="\n" + example)
     token = generate_token()
     pwfile = PasswordFile()
     pwfile.set_password("node-a", token)
-    pwfile.write(tmp_path / "passwd")
-    (tmp_path / "acl").write_text(render_acl())
-    tls_port = free_port()
-    # The shipped example, with its paths and port pointed at this test's files.
-    example = (REPO / "broker" / "secure.conf.example").read_text()
-    example = example.replace("/etc/mosquitto/mqfleet/certs/", f"{certs}/")
-    example = example.replace("/etc/mosquitto/mqfleet/", f"{tmp_path}/")
-    example = example.replace("listener 8883", f"listener {tls_port} 127.0.0.1")
-    broker = LocalBroker(data_dir=tmp_path / "mosquitto", extra_config="\n" + example)
+    pwfile.write(broker.password_file)
+    broker.acl_file.write_text(render_acl())
     broker.start()
     try:
         yield broker, tls_port, certs / "ca.crt", token
