@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = [
+    "DEFAULT_BROKER_PASSWORD_FILE",
+    "DEFAULT_BROKER_PID_FILE",
     "DEFAULT_BROKER_URL",
     "DEFAULT_COLLECTOR_ID",
     "DEFAULT_METRICS_INTERVAL_S",
@@ -50,6 +52,9 @@ DEFAULT_METRICS_INTERVAL_S: Final = 10.0
 DEFAULT_COLLECTOR_ID: Final = "mqfleet-collector"
 #: 24 h at the default interval, so a day-long broker outage loses no metric.
 DEFAULT_METRICS_BACKLOG: Final = 8640
+#: Where broker/mosquitto.conf keeps its password file and writes its pid.
+DEFAULT_BROKER_PASSWORD_FILE: Final = Path("/etc/mosquitto/mqfleet/passwd")
+DEFAULT_BROKER_PID_FILE: Final = Path("/run/mosquitto/mosquitto.pid")
 
 _config_file: ContextVar[Path | None] = ContextVar("mqfleet_config_file", default=None)
 
@@ -139,6 +144,9 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    # Not a setting: which file load_settings() read (the agent checks its mode).
+    _config_source: Path | None = PrivateAttr(default=None)
+
     # -- shared ---------------------------------------------------------------------
     broker_url: str = Field(default=DEFAULT_BROKER_URL, description="mqtt[s]://[user:pass@]host:port")
     topic_prefix: str = Field(default=DEFAULT_PREFIX, description="root of every topic")
@@ -169,10 +177,32 @@ class Settings(BaseSettings):
     operator_public_key_file: Path | None = Field(
         default=None, description="Ed25519 public key (PEM) that must sign every command"
     )
+    command_allowlist: list[str] = Field(
+        default_factory=list,
+        description="if set, only commands matching one of these regexes (whole text) run",
+    )
+    run_as_user: str | None = Field(
+        default=None, description="run commands as this user (the agent must be root)"
+    )
 
     # -- operator (CLI) -------------------------------------------------------------
     operator_private_key_file: Path | None = Field(
         default=None, description="Ed25519 private key (PEM, 0600) that signs commands"
+    )
+    broker_password_file: Path = Field(
+        default=DEFAULT_BROKER_PASSWORD_FILE,
+        description="mosquitto password file that provision/revoke edit",
+    )
+    broker_pid_file: Path = Field(
+        default=DEFAULT_BROKER_PID_FILE,
+        description="mosquitto pid file, to reload the broker after provision/revoke",
+    )
+
+    # -- development only -----------------------------------------------------------
+    insecure_unsigned_commands: bool = Field(
+        default=False,
+        description="DEVELOPMENT ONLY: agents without a public key run unsigned commands, "
+        "and the CLI sends unsigned commands when it has no private key",
     )
 
     # -- collector ------------------------------------------------------------------
@@ -181,6 +211,17 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=2000, ge=1, description="rows per transaction at most")
     flush_interval_s: float = Field(default=0.5, gt=0, le=1.0, description="max batch delay")
     receive_maximum: int = Field(default=10000, ge=1, le=65535, description="MQTT 5 inflight")
+
+    @field_validator("command_allowlist")
+    @classmethod
+    def _allowlist_compiles(cls, value: list[str]) -> list[str]:
+        for index, pattern in enumerate(value):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                msg = f"entry {index} ({pattern[:80]!r}) is not a regular expression: {exc}"
+                raise ValueError(msg) from None
+        return value
 
     @field_validator("broker_url")
     @classmethod
@@ -206,6 +247,11 @@ class Settings(BaseSettings):
             msg = f"invalid node id {value[:80]!r}: use 1-64 characters of A-Z a-z 0-9 _ . -"
             raise ValueError(msg)
         return value
+
+    @property
+    def config_file(self) -> Path | None:
+        """The TOML config file these settings were read from, if any."""
+        return self._config_source
 
     @property
     def broker(self) -> BrokerAddress:
@@ -275,7 +321,7 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     token = _config_file.set(path)
     saved = os.environ.pop("MQFLEET_CONFIG", None)
     try:
-        return Settings(**flags)
+        settings = Settings(**flags)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
     except (OSError, ValueError) as exc:  # unreadable or malformed TOML
@@ -284,3 +330,5 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         if saved is not None:
             os.environ["MQFLEET_CONFIG"] = saved
         _config_file.reset(token)
+    settings._config_source = path  # noqa: SLF001 - set once, by the loader that read it
+    return settings

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mqfleet.agent.commands import (
     AGENT_RESTARTED,
@@ -24,6 +25,7 @@ from mqfleet.protocol import (
     encode,
     utc_now,
 )
+from mqfleet.security import sign_command
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -32,6 +34,14 @@ if TYPE_CHECKING:
     from mqfleet.settings import Settings
 
 NODE = "n1"
+#: The operator key every command of this module is signed with (tests/security covers
+#: the unsigned, forged and altered ones).
+KEY = Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(autouse=True)
+def _agents_trust_the_test_key(trusted_key: Callable[[Ed25519PrivateKey], object]) -> None:
+    trusted_key(KEY)
 
 
 def command(
@@ -43,17 +53,16 @@ def command(
     expires_in: timedelta = timedelta(minutes=5),
 ) -> bytes:
     now = utc_now()
-    return encode(
-        CommandRequest(
-            command_id=command_id,
-            node_id=node_id,
-            command_text=text,
-            timeout_s=timeout_s,
-            created_at=now,
-            expires_at=now + expires_in,
-            issuer="test",
-        )
+    request = CommandRequest(
+        command_id=command_id,
+        node_id=node_id,
+        command_text=text,
+        timeout_s=timeout_s,
+        created_at=now,
+        expires_at=now + expires_in,
+        issuer="test",
     )
+    return encode(sign_command(request, KEY))
 
 
 class FakePublisher:

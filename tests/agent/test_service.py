@@ -285,7 +285,7 @@ async def test_sigterm_to_the_agent_command_publishes_shutdown_and_exits_0(mosqu
 
 
 async def test_broker_restart_loses_no_metric(tmp_path, make_settings):
-    broker = LocalBroker(data_dir=tmp_path / "restart-broker")
+    broker = LocalBroker(data_dir=tmp_path / "restart-broker", auth=False)
     broker.start()
     try:
         settings = make_settings(

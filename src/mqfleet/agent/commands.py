@@ -4,10 +4,20 @@ The life of a command on this node:
 
 1. :meth:`CommandService.accept` decodes the payload. Undecodable payloads are logged
    (truncated) and dropped. A command id already in the journal is a duplicate (QoS 1
-   redelivery, collector redelivery) and is ignored, across restarts too. A command for
-   another node is refused (``failed``), one whose ``expires_at`` has passed is reported
-   ``timeout`` with error "expired before delivery"; neither ever runs. Anything else is
-   journaled as ``accepted`` (fsync'd) before it is queued, so nothing runs unrecorded.
+   redelivery, collector redelivery, a replay) and is ignored, across restarts too:
+   reporting it would overwrite the real command's result. Then, before anything else,
+   the operator's signature is checked (``security.CommandVerifier``): an unsigned,
+   forged or altered command, one signed for another node and one not matching the
+   optional allowlist is refused (``failed``, with the reason as error, logged here);
+   one whose ``expires_at`` has passed is reported ``timeout`` with error "expired
+   before delivery". None of them ever runs. Refusals of payloads whose signature is
+   missing or wrong are not journaled (their id and expiry are attacker-chosen: they
+   must neither burn a genuine command's id nor grow the journal) and their reports are
+   rate-limited. Anything else is journaled as ``accepted`` (fsync'd) before it is
+   queued, so nothing runs unrecorded.
+
+   Without ``operator_public_key_file`` every command is refused, unless the
+   development switch ``insecure_unsigned_commands`` is on (logged loudly at start-up).
 2. :meth:`CommandService.run_loop` starts queued commands in arrival order, at most
    ``max_concurrent_commands`` at once. It journals ``running`` before spawning, reports
    ``running`` once spawned, and the final result when done (see ``agent.executor``). A
@@ -19,7 +29,8 @@ The life of a command on this node:
    result; the collector ignores duplicates (a command only moves forward).
 4. :meth:`CommandService.start` settles what a previous process left: a command journaled
    ``running`` is reported ``failed`` with error "agent restarted" and is never re-run;
-   accepted commands that never started are queued again (or reported expired).
+   accepted commands that never started are checked again (the trusted key or the
+   allowlist may have changed) and queued again, or reported expired or refused.
 
 Journal and outbox writes are small synchronous fsync'd file writes on the event loop:
 they keep ``accept`` synchronous and ordered, at the cost of a few milliseconds each.
@@ -29,13 +40,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, Literal
 
-from mqfleet.agent.executor import CommandExecutor, Execution
+from mqfleet.agent.executor import CommandExecutor, Execution, RunAs
 from mqfleet.agent.journal import CommandJournal, JournalEntry, ResultOutbox
-from mqfleet.errors import AgentStateError, ProtocolError
+from mqfleet.errors import AgentStateError, CommandRefusedError, ConfigError, ProtocolError
 from mqfleet.protocol import (
     MAX_PAYLOAD_BYTES,
     CommandFinished,
@@ -46,6 +59,7 @@ from mqfleet.protocol import (
     truncate_for_log,
     utc_now,
 )
+from mqfleet.security.signing import CommandVerifier
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -56,8 +70,13 @@ __all__ = [
     "AGENT_RESTARTED",
     "EXPIRED_BEFORE_DELIVERY",
     "EXPIRED_BEFORE_START",
+    "NOT_ALLOWED_REFUSAL",
+    "NO_KEY_REFUSAL",
+    "UNAUTHENTICATED_REASONS",
     "CommandService",
     "Publish",
+    "build_verifier",
+    "resolve_run_as",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,28 +94,117 @@ _PRUNE_INTERVAL_S: Final = 60.0
 #: into the protocol's payload limit (control characters grow six-fold in JSON).
 _MIN_OUTPUT_BYTES: Final = 256
 _MAX_ERROR_CHARS: Final = 1024
+NO_KEY_REFUSAL: Final = (
+    "refused: this node trusts no operator key (operator_public_key_file is not set), "
+    "so it runs no command"
+)
+NOT_ALLOWED_REFUSAL: Final = "refused: command does not match this node's command_allowlist"
+#: Refusals of payloads whose signature is missing or wrong: nothing in them is genuine,
+#: so they are never journaled (see the module docstring).
+UNAUTHENTICATED_REASONS: Final = frozenset(
+    {"unsigned", "malformed_signature", "unknown_key", "bad_signature", "no_key"}
+)
+#: At most this many results are reported per window for unauthenticated payloads: a
+#: flood of forgeries must not turn into a flood of results. The rest are only logged.
+_UNAUTHENTICATED_REPORTS: Final = 30
+_UNAUTHENTICATED_WINDOW_S: Final = 60.0
 
 
 def _error_text(text: str) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
+def build_verifier(settings: Settings) -> CommandVerifier | None:
+    """Build the signature check for ``settings``; None when no public key is configured.
+
+    Raises :class:`ConfigError` (one line) when the key file is missing or not a key.
+    """
+    if settings.operator_public_key_file is None:
+        if settings.insecure_unsigned_commands:
+            log.warning(
+                "INSECURE: no operator_public_key_file and insecure_unsigned_commands is on: "
+                "this node runs UNSIGNED commands from anyone who can publish on its topic"
+            )
+        else:
+            log.warning(
+                "no operator_public_key_file is configured: every command will be refused "
+                "(copy the operator's public key here, see 'mqfleet keys init')"
+            )
+        return None
+    verifier = CommandVerifier.from_files(
+        node_id=settings.node_id, public_key_files=[settings.operator_public_key_file]
+    )
+    log.info("commands must be signed by operator key %s", ", ".join(verifier.key_ids))
+    return verifier
+
+
+def resolve_run_as(name: str | None) -> RunAs | None:
+    """Resolve the user commands run as; None for the agent's own user.
+
+    Raises :class:`ConfigError` when the user does not exist, or when the agent is not
+    root and so cannot become it.
+    """
+    if name is None:
+        return None
+    run_as = RunAs.lookup(name)
+    euid = os.geteuid()
+    if run_as.uid == euid:
+        return None  # already that user: nothing to drop
+    if euid != 0:
+        raise ConfigError(
+            f"run_as_user {name!r} needs the agent to run as root (it runs as uid {euid}); "
+            "run the agent as that user instead, or unset run_as_user"
+        )
+    log.info("commands run as user %s (uid %d, gid %d)", run_as.name, run_as.uid, run_as.gid)
+    return run_as
+
+
+class _ReportBudget:
+    """At most ``limit`` reports per ``window_s`` seconds (a fixed window)."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self._limit = limit
+        self._window_s = window_s
+        self._start = time.monotonic()
+        self._used = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        if now - self._start >= self._window_s:
+            self._start, self._used = now, 0
+        self._used += 1
+        return self._used <= self._limit
+
+
 class CommandService:
     """Accepts commands for this node, runs each at most once and reports the results."""
 
-    def __init__(self, settings: Settings) -> None:
-        """Use ``settings.agent_state_dir`` for the journal and the result outbox."""
+    def __init__(self, settings: Settings, *, verifier: CommandVerifier | None = None) -> None:
+        """Use ``settings.agent_state_dir`` for the journal and the result outbox.
+
+        ``verifier`` defaults to one for ``settings.operator_public_key_file``. Raises
+        :class:`ConfigError` for an unusable key file or ``run_as_user``.
+        """
         self._settings = settings
         self._node_id = settings.node_id
         self._dir = settings.agent_state_dir / "commands"
         self._journal: CommandJournal | None = None
         self._outbox: ResultOutbox | None = None
+        self._verifier = verifier if verifier is not None else build_verifier(settings)
+        self._allowlist = [re.compile(pattern) for pattern in settings.command_allowlist]
+        if self._allowlist:
+            log.info("commands must match one of %d allowlist patterns", len(self._allowlist))
         self._executor = CommandExecutor(
-            output_limit_bytes=settings.output_limit_bytes, kill_grace_s=settings.kill_grace_s
+            output_limit_bytes=settings.output_limit_bytes,
+            kill_grace_s=settings.kill_grace_s,
+            run_as=resolve_run_as(settings.run_as_user),
         )
         self._queue: asyncio.Queue[CommandRequest] = asyncio.Queue()
         self._outbox_ready = asyncio.Event()
         self._last_prune = time.monotonic()
+        self._unauthenticated_reports = _ReportBudget(
+            _UNAUTHENTICATED_REPORTS, _UNAUTHENTICATED_WINDOW_S
+        )
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -119,9 +227,15 @@ class CommandService:
             elif entry.state == "accepted" and entry.request is not None:
                 if entry.expires_at <= now:
                     self._report_unstarted(entry, "timeout", EXPIRED_BEFORE_START)
-                else:
-                    log.info("command %s queued again after a restart", entry.command_id)
-                    self._queue.put_nowait(entry.request)
+                    continue
+                try:
+                    self._check(entry.request)
+                except CommandRefusedError as exc:
+                    log.warning("command %s: %s", entry.command_id, exc)
+                    self._report_unstarted(entry, "failed", str(exc))
+                    continue
+                log.info("command %s queued again after a restart", entry.command_id)
+                self._queue.put_nowait(entry.request)
         self._journal.prune(now)
         if len(self._outbox):
             self._outbox_ready.set()
@@ -140,15 +254,10 @@ class CommandService:
             return
         now = utc_now()
         try:
-            if request.node_id != self._node_id:
-                log.warning("refusing command %s for node %r", request.command_id, request.node_id)
-                error = f"refused: the command is for node {request.node_id!r}, not this node"
-                self._report_unstarted(self._entry(request, now), "failed", error)
-            elif request.expires_at <= now:
-                log.warning("command %s expired before delivery", request.command_id)
-                self._report_unstarted(
-                    self._entry(request, now), "timeout", EXPIRED_BEFORE_DELIVERY
-                )
+            try:
+                self._check(request)
+            except CommandRefusedError as exc:
+                self._refuse(request, exc, now)
             else:
                 # Durable before it can run: from here on a crash cannot make it run twice.
                 journal.record(self._entry(request, now))
@@ -158,6 +267,54 @@ class CommandService:
             log.error("dropping command %s: %s", request.command_id, exc)  # noqa: TRY400 - one line
             return
         self._maybe_prune(now)
+
+    def _check(self, request: CommandRequest) -> None:
+        """Raise :class:`CommandRefusedError` unless ``request`` may run on this node."""
+        if self._verifier is not None:
+            self._verifier.check(request)  # signature first, then node id and expiry
+        elif not self._settings.insecure_unsigned_commands:
+            raise CommandRefusedError(
+                NO_KEY_REFUSAL, reason="no_key", command_id=request.command_id
+            )
+        elif request.node_id != self._node_id:  # development mode: the unsigned checks
+            raise CommandRefusedError(
+                f"refused: command is for node {request.node_id}, this is {self._node_id}",
+                reason="wrong_node",
+                command_id=request.command_id,
+            )
+        elif request.expires_at <= utc_now():
+            raise CommandRefusedError(
+                "refused: command expired", reason="expired", command_id=request.command_id
+            )
+        if self._allowlist and not any(p.fullmatch(request.command_text) for p in self._allowlist):
+            raise CommandRefusedError(
+                NOT_ALLOWED_REFUSAL, reason="not_allowed", command_id=request.command_id
+            )
+
+    def _refuse(self, request: CommandRequest, exc: CommandRefusedError, now: datetime) -> None:
+        """Log a refusal on this node and report it; never run the command."""
+        log.warning("command %s: %s", request.command_id, exc)
+        if exc.reason == "expired":
+            self._report_unstarted(self._entry(request, now), "timeout", EXPIRED_BEFORE_DELIVERY)
+        elif exc.reason in UNAUTHENTICATED_REASONS:
+            # Not journaled: see the module docstring. Reported within a budget.
+            if self._unauthenticated_reports.take():
+                self._put_result(request.command_id, self._refusal_payload(request, str(exc)))
+            else:
+                log.warning("too many refused commands: not reporting %s", request.command_id)
+        else:
+            self._report_unstarted(self._entry(request, now), "failed", str(exc))
+
+    def _refusal_payload(self, request: CommandRequest, error: str) -> bytes:
+        return encode(
+            CommandFinished(
+                command_id=request.command_id,
+                node_id=self._node_id,
+                status="failed",
+                completed_at=utc_now(),
+                error=_error_text(error),
+            )
+        )
 
     # -- execution ------------------------------------------------------------------
     async def run_loop(self) -> None:

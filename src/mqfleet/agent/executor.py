@@ -32,7 +32,10 @@ How a command runs:
   command that really wants to leave something running must start it in a session of its
   own (``setsid``); once the group is gone the pipes are read for ``DRAIN_S`` more seconds
   at most, so such an escaped process holding them open cannot stall the result.
-- The command runs as the agent's user.
+- The command runs as the agent's user, or as ``run_as`` (a :class:`RunAs` built from
+  the ``run_as_user`` setting): then the shell gets that user's uid, primary group and
+  supplementary groups, and ``HOME``/``USER``/``LOGNAME`` and the working directory are
+  that user's. Dropping to another user needs the agent to run as root.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
+from mqfleet.errors import ConfigError
 from mqfleet.protocol import utc_now
 
 if TYPE_CHECKING:
@@ -63,6 +67,7 @@ __all__ = [
     "CommandExecutor",
     "Execution",
     "ExecutionStatus",
+    "RunAs",
     "command_environment",
 ]
 
@@ -88,13 +93,42 @@ _UTF8_CONT: Final = 0x80
 ExecutionStatus = Literal["success", "failed", "timeout"]
 
 
-def command_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    """The user (and groups) commands run as, instead of the agent's own user."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @classmethod
+    def lookup(cls, name: str) -> RunAs:
+        """Resolve ``name`` (or a numeric uid) from the password database.
+
+        Raises :class:`ConfigError` when there is no such user.
+        """
+        try:
+            entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        except (KeyError, OverflowError):
+            raise ConfigError(f"run_as_user {name!r}: no such user on this node") from None
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir or "/")
+
+
+def command_environment(
+    extra: Mapping[str, str] | None = None, *, run_as: RunAs | None = None
+) -> dict[str, str]:
     """Build the documented environment of a command (see the module docstring)."""
-    try:
-        user = pwd.getpwuid(os.geteuid())
-        home, name = user.pw_dir or "/", user.pw_name
-    except KeyError:  # a uid without a passwd entry (some containers)
-        home, name = "/", str(os.geteuid())
+    if run_as is not None:
+        home, name = run_as.home, run_as.name
+    else:
+        try:
+            user = pwd.getpwuid(os.geteuid())
+            home, name = user.pw_dir or "/", user.pw_name
+        except KeyError:  # a uid without a passwd entry (some containers)
+            home, name = "/", str(os.geteuid())
     env = {
         "PATH": STANDARD_PATH,
         "HOME": home,
@@ -269,6 +303,7 @@ class CommandExecutor:
         output_limit_bytes: int,
         kill_grace_s: float,
         drain_s: float = DRAIN_S,
+        run_as: RunAs | None = None,
     ) -> None:
         """Configure the executor.
 
@@ -276,12 +311,20 @@ class CommandExecutor:
             output_limit_bytes: bytes kept per stream (head and tail).
             kill_grace_s: seconds between SIGTERM and SIGKILL of the process group.
             drain_s: seconds to keep reading pipes once the process group is gone.
+            run_as: run commands as this user (the agent must be root), else as ours.
 
         """
         self._limit = output_limit_bytes
         self._grace = kill_grace_s
         self._drain = drain_s
-        self._env = command_environment()
+        self._run_as = run_as
+        # setuid/setgid/setgroups in the child, before exec; only given when dropping.
+        self._identity: dict[str, Any] = (
+            {"user": run_as.uid, "group": run_as.gid, "extra_groups": list(run_as.groups)}
+            if run_as is not None
+            else {}
+        )
+        self._env = command_environment(run_as=run_as)
         home = Path(self._env["HOME"])
         self._cwd = home if home.is_dir() else Path("/")
 
@@ -313,6 +356,7 @@ class CommandExecutor:
                 start_new_session=True,
                 env={**self._env, **(extra_env or {})},
                 cwd=self._cwd,
+                **self._identity,
             )
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the command
             os.close(out_r)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import stat
 from typing import TYPE_CHECKING, Final
 
 import aiomqtt
@@ -40,6 +41,7 @@ from mqfleet.protocol import (
     truncate_for_log,
     utc_now,
 )
+from mqfleet.security.config_files import warn_if_exposed
 from mqfleet.transport import Backoff, aiomqtt_client, as_broker_error
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ __all__ = [
     "SESSION_EXPIRY_S",
     "AgentService",
     "run_agent",
+    "warn_about_exposed_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,7 @@ class AgentService:
     # -- lifetime -------------------------------------------------------------------
     async def run(self) -> None:
         """Run until cancelled (then re-raise), or raise a fatal :class:`MqfleetError`."""
+        warn_about_exposed_files(self._settings)
         # A session exists before the first sample, so every sample carries one.
         await self._new_session()
         await asyncio.to_thread(self._probe.prime)
@@ -447,6 +451,31 @@ class AgentService:
             await self._status_changed.wait()
             self._status_changed.clear()
             await self._publish_status(client, session)
+
+
+def warn_about_exposed_files(settings: Settings) -> None:
+    """Log a warning for each secret file others may read and for a trust file others may write.
+
+    The config file holds the node's token (in the broker URL) and ``key_file`` the TLS
+    client key: group/world access exposes them. The operator public key is no secret,
+    but whoever may replace it chooses which commands this node runs.
+    """
+    for path in (settings.config_file, settings.key_file):
+        if path is not None:
+            warn_if_exposed(path, log)
+    public = settings.operator_public_key_file
+    try:
+        mode = public.stat().st_mode if public is not None else 0
+    except OSError:
+        return  # a missing key is reported, with its path, by the verifier
+    if public is not None and mode & (stat.S_IWGRP | stat.S_IWOTH):
+        log.warning(
+            "%s decides which commands run here but group/others may write it "
+            "(mode %04o); run: chmod 644 %s",
+            public,
+            stat.S_IMODE(mode),
+            public,
+        )
 
 
 class CommandPublisher:
