@@ -123,8 +123,17 @@ async def until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
 
 
 @pytest.fixture
-def fleet(sqlite_url: str, invoke: Invoke, seed: Callable[..., None], mosquitto: LocalBroker):
-    """A migrated database with web-1, web-2 online and edge-1 offline; CLI args for it."""
+def fleet(
+    sqlite_url: str,
+    invoke: Invoke,
+    seed: Callable[..., None],
+    mosquitto: LocalBroker,
+    operator_key: object,
+):
+    """A migrated database with web-1, web-2 online and edge-1 offline; CLI args for it.
+
+    The CLI signs with ``operator_key`` (tests/security covers signatures end to end).
+    """
     assert invoke("--database", sqlite_url, "db", "upgrade").exit_code == 0
     seed(sqlite_url, "web-1")
     seed(sqlite_url, "web-2")

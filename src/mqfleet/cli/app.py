@@ -26,6 +26,7 @@ from mqfleet import __version__
 from mqfleet.cli import render
 from mqfleet.cli.durations import DURATION
 from mqfleet.cli.exitcodes import ExitCode, exit_code_for
+from mqfleet.cli.localfleet import fallback_config_file
 from mqfleet.errors import ConfigError, MqfleetError, StoreError
 from mqfleet.protocol import utc_now, validate_node_id
 from mqfleet.settings import load_settings
@@ -64,10 +65,17 @@ class CliState:
     verbose: bool = False
     _cache: dict[str, Settings] = field(default_factory=dict, repr=False)
 
-    def settings(self, **flags: Any) -> Settings:  # noqa: ANN401 - Settings field values
-        """Load settings: the global flags plus ``flags`` over env, config file and defaults."""
+    def settings(self, *, local_fleet: bool = True, **flags: Any) -> Settings:  # noqa: ANN401 - Settings field values
+        """Load settings: the global flags plus ``flags`` over env, config file and defaults.
+
+        With ``local_fleet`` (operator commands) and no other config file in use, the
+        operator config written by ``mqfleet up`` is read; services never read it.
+        """
+        config_file = self.config_file
+        if config_file is None and local_fleet:
+            config_file = fallback_config_file()
         return load_settings(
-            self.config_file,
+            config_file,
             broker_url=self.broker_url,
             database_url=self.database_url,
             topic_prefix=self.topic_prefix,
@@ -433,7 +441,9 @@ def serve(entry: Callable[[Settings], Coroutine[Any, Any, None]], settings: Sett
 def agent(state: CliState, node_id: str | None, interval: timedelta | None) -> int:
     """Run the agent for this machine until SIGTERM/SIGINT."""
     settings = state.settings(
-        node_id=node_id, metrics_interval_s=interval.total_seconds() if interval else None
+        local_fleet=False,
+        node_id=node_id,
+        metrics_interval_s=interval.total_seconds() if interval else None,
     )
     configure_logging(verbose=state.verbose, level=logging.INFO)
     from mqfleet.agent import run_agent  # noqa: PLC0415 - only this command needs the agent
@@ -446,7 +456,7 @@ def agent(state: CliState, node_id: str | None, interval: timedelta | None) -> i
 @pass_state
 def collector(state: CliState) -> int:
     """Run the collector (records the fleet into the database) until SIGTERM/SIGINT."""
-    settings = state.settings()
+    settings = state.settings(local_fleet=False)
     configure_logging(verbose=state.verbose, level=logging.INFO)
     from mqfleet.collector import run_collector  # noqa: PLC0415 - only this command needs it
 
@@ -455,10 +465,14 @@ def collector(state: CliState) -> int:
 
 
 def _register_commands() -> None:
+    from mqfleet.cli.accounts import keys, provision, revoke  # noqa: PLC0415 - avoids an import cycle
     from mqfleet.cli.run import run  # noqa: PLC0415 - avoids an import cycle
     from mqfleet.cli.simulate import simulate  # noqa: PLC0415 - idem
     from mqfleet.cli.up import up  # noqa: PLC0415 - idem
 
+    cli.add_command(keys)
+    cli.add_command(provision)
+    cli.add_command(revoke)
     cli.add_command(run)
     cli.add_command(simulate)
     cli.add_command(up)

@@ -23,7 +23,7 @@ from mqfleet.cli import render
 from mqfleet.cli.app import CliState, open_store, pass_state
 from mqfleet.cli.durations import DURATION
 from mqfleet.cli.outcomes import RunReport, TargetOutcome
-from mqfleet.errors import MqfleetError, ProtocolError, UnknownNodeError
+from mqfleet.errors import ConfigError, MqfleetError, ProtocolError, UnknownNodeError
 from mqfleet.protocol import (
     CommandFinished,
     CommandRequest,
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import aiomqtt
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from mqfleet.settings import Settings
     from mqfleet.store.queries import NodeRow
@@ -282,12 +283,32 @@ def _resolve_targets(
         return targets
 
 
-def _sign(settings: Settings, requests: list[CommandRequest]) -> list[CommandRequest]:
-    if settings.operator_private_key_file is None:
-        return requests
-    from mqfleet.security.signing import load_private_key, sign_command  # noqa: PLC0415
+def _signing_key(settings: Settings) -> Ed25519PrivateKey | None:
+    """Load the operator's key; None only with the explicit insecure opt-out."""
+    from mqfleet.cli.localfleet import operator_private_key_file  # noqa: PLC0415
+    from mqfleet.security.signing import load_private_key  # noqa: PLC0415
 
-    key = load_private_key(settings.operator_private_key_file)
+    path = operator_private_key_file(settings)
+    if path is not None:
+        return load_private_key(path)
+    if not settings.insecure_unsigned_commands:
+        raise ConfigError(
+            "no operator private key to sign the command with: run 'mqfleet keys init' "
+            "(or set operator_private_key_file); agents refuse unsigned commands"
+        )
+    click.echo(
+        "mqfleet: warning: sending UNSIGNED commands (insecure_unsigned_commands): only "
+        "agents that run with insecure_unsigned_commands and no public key accept them",
+        err=True,
+    )
+    return None
+
+
+def _sign(key: Ed25519PrivateKey | None, requests: list[CommandRequest]) -> list[CommandRequest]:
+    if key is None:
+        return requests
+    from mqfleet.security.signing import sign_command  # noqa: PLC0415
+
     return [sign_command(req, key) for req in requests]
 
 
@@ -307,11 +328,17 @@ def _sign(settings: Settings, requests: list[CommandRequest]) -> list[CommandReq
 )
 @click.option("--no-wait", is_flag=True, help="Print the command ids and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document at the end.")
+@click.option(
+    "--insecure-unsigned",
+    is_flag=True,
+    help="DEVELOPMENT ONLY: send unsigned commands when no operator key exists.",
+)
 @click.argument("command", nargs=-1, required=True)
 @pass_state
 def run(
     state: CliState,
     *,
+    insecure_unsigned: bool,
     node_ids: tuple[str, ...],
     pattern: str | None,
     timeout: timedelta,
@@ -341,7 +368,8 @@ def run(
             validate_node_id(node_id)
         except ProtocolError as exc:
             raise click.BadParameter(str(exc), param_hint="'-n/--node'") from None
-    settings = state.settings()
+    settings = state.settings(insecure_unsigned_commands=insecure_unsigned or None)
+    key = _signing_key(settings)  # before anything else: no key, no command
     targets = _resolve_targets(settings, node_ids, all_nodes=all_nodes, pattern=pattern)
 
     created_at = utc_now()
@@ -372,7 +400,7 @@ def run(
         if node.status not in _REACHABLE:
             outcome.state = "queued"
         report.targets.append(outcome)
-    requests = _sign(settings, requests)
+    requests = _sign(key, requests)
 
     view = RunView(as_json=as_json, wait=not no_wait)
     try:

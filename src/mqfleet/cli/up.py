@@ -1,5 +1,14 @@
 """``mqfleet up``: a whole local fleet in one command (broker, collector, agent).
 
+The fleet is secure from the first minute, like a production one: the broker refuses
+anonymous clients and applies the fleet ACL; ``up`` gives the operator, the collector
+and the local node accounts with fresh tokens (accounts added by ``mqfleet provision``
+are kept), makes the operator key pair if there is none (``mqfleet keys init``'s
+place), and the agent runs only commands signed with it. The operator's side (broker
+URL with its token, key, password file) goes to a 0600 config file that the CLI reads
+by default, so ``mqfleet nodes`` and ``mqfleet run`` work right away. Children get their
+tokens through the environment, never in argv.
+
 The collector and the agent run as child processes in their own sessions, so a Ctrl-C
 on the terminal reaches only ``up``, which then stops them in order: the agent first
 (it publishes "offline" while the collector still records it), then the collector,
@@ -8,6 +17,7 @@ then the broker.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -20,11 +30,22 @@ import click
 
 from mqfleet.cli.app import CliState, pass_state
 from mqfleet.cli.exitcodes import ExitCode
-from mqfleet.localbroker import LocalBroker, free_port
-from mqfleet.settings import DEFAULT_BROKER_URL, default_data_dir
+from mqfleet.cli.localfleet import (
+    default_operator_key_file,
+    local_fleet_dir,
+    operator_config_file,
+    operator_private_key_file,
+    public_key_file_for,
+)
+from mqfleet.localbroker import LocalBroker, find_mosquitto, free_port
+from mqfleet.settings import default_config_file, default_data_dir
 
 if TYPE_CHECKING:
+    from pathlib import Path
     from types import FrameType
+
+    from mqfleet.security.config_files import TomlValue
+    from mqfleet.settings import Settings
 
 __all__ = ["PREFERRED_PORT", "up"]
 
@@ -62,11 +83,93 @@ def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def _spawn(name: str, argv: list[str]) -> _Child:
+def _spawn(name: str, argv: list[str], env: dict[str, str]) -> _Child:
     # Own session: the terminal's SIGINT must not reach the children, so that the
-    # shutdown order stays ours. Output goes to our terminal, as logs.
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)  # noqa: S603 - our own interpreter and fixed arguments
+    # shutdown order stays ours. Output goes to our terminal, as logs. Tokens travel in
+    # the environment (readable by the same user only), never in argv (readable by all).
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and fixed arguments
+        argv, stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **env}
+    )
     return _Child(name, proc)
+
+
+@dataclass(frozen=True)
+class _Accounts:
+    """What ``up`` made: each component's broker URL (with token) and the keys."""
+
+    operator_url: str
+    collector_url: str
+    agent_url: str
+    private_key_file: Path
+    public_key_file: Path
+    key_id: str
+
+
+def _prepare_accounts(settings: Settings, broker: LocalBroker) -> _Accounts:
+    """Give operator, collector and the local node fresh tokens; render the ACL; keys."""
+    from mqfleet.security import (  # noqa: PLC0415 - lean start-up of the other commands
+        COLLECTOR_ACCOUNT,
+        OPERATOR_ACCOUNT,
+        add_account,
+        broker_url_with_credentials,
+        generate_token,
+        key_id,
+        load_private_key,
+        render_acl,
+        save_key_pair,
+        validate_node_account,
+        write_private_file,
+    )
+    from mqfleet.security.signing import save_public_key  # noqa: PLC0415
+
+    node_id = validate_node_account(settings.node_id)
+    urls: dict[str, str] = {}
+    for account in (OPERATOR_ACCOUNT, COLLECTOR_ACCOUNT, node_id):
+        token = generate_token()
+        # Replaces only these three: nodes added with `mqfleet provision` keep theirs.
+        add_account(broker.password_file, account, token)
+        urls[account] = broker_url_with_credentials(broker.url, username=account, password=token)
+    write_private_file(broker.acl_file, render_acl(settings.topic_prefix))
+
+    private = operator_private_key_file(settings)
+    if private is None:
+        private = default_operator_key_file()
+        save_key_pair(private, public_key_file_for(private))
+        click.echo(f"created the operator key pair {private} (+ .pub)", err=True)
+    key = load_private_key(private)
+    # The agent's copy of the public key, derived from the key that really signs.
+    public = local_fleet_dir() / "operator.pub"
+    save_public_key(key.public_key(), public)
+    return _Accounts(
+        operator_url=urls[OPERATOR_ACCOUNT],
+        collector_url=urls[COLLECTOR_ACCOUNT],
+        agent_url=urls[node_id],
+        private_key_file=private,
+        public_key_file=public,
+        key_id=key_id(key.public_key()),
+    )
+
+
+def _write_operator_config(settings: Settings, broker: LocalBroker, accounts: _Accounts) -> Path:
+    from mqfleet.security import write_private_file  # noqa: PLC0415 - lean start-up
+    from mqfleet.security.config_files import render_toml  # noqa: PLC0415
+
+    path = operator_config_file()
+    values: dict[str, TomlValue] = {
+        "broker_url": accounts.operator_url,
+        "database_url": settings.database_url,
+        "topic_prefix": settings.topic_prefix,
+        "operator_private_key_file": accounts.private_key_file.resolve(),
+        "operator_public_key_file": accounts.public_key_file.resolve(),
+        "broker_password_file": broker.password_file.resolve(),
+        "broker_pid_file": broker.pid_file.resolve(),
+    }
+    header = (
+        "Operator settings of the local fleet, written by `mqfleet up` on every start.\n"
+        "Holds the operator's broker token: keep it mode 0600, never share or log it."
+    )
+    write_private_file(path, render_toml(values, header=header))
+    return path
 
 
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -85,19 +188,31 @@ def up(state: CliState, port: int | None) -> int:
 
     Ctrl-C stops all three cleanly.
     """
-    settings = state.settings()  # refuse a broken config before starting anything
+    # Refuse a broken config before starting anything. Never the operator config of a
+    # previous `up`: it is rewritten below.
+    settings = state.settings(local_fleet=False)
+    find_mosquitto()  # the install hint (exit 3) before anything is written
     if port is None:
         port = PREFERRED_PORT if _port_is_free(PREFERRED_PORT) else free_port()
     broker = LocalBroker(data_dir=default_data_dir() / "broker", port=port)
+    broker.data_dir.mkdir(parents=True, exist_ok=True)
+    accounts = _prepare_accounts(settings, broker)
+    operator_config = _write_operator_config(settings, broker, accounts)
     broker.start()  # BrokerError with the install hint when mosquitto is missing: exit 3
     children: list[_Child] = []
     code: int = ExitCode.OK
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        base = [sys.executable, "-m", "mqfleet", "--broker", broker.url, *state.child_flags()]
-        children.append(_spawn("collector", [*base, "collector"]))
-        children.append(_spawn("agent", [*base, "agent"]))
-        _announce(broker, settings.database_url, settings.node_id, state)
+        base = [sys.executable, "-m", "mqfleet", *state.child_flags()]
+        collector_env = {"MQFLEET_BROKER_URL": accounts.collector_url}
+        children.append(_spawn("collector", [*base, "collector"], collector_env))
+        agent_env = {
+            "MQFLEET_BROKER_URL": accounts.agent_url,
+            "MQFLEET_NODE_ID": settings.node_id,
+            "MQFLEET_OPERATOR_PUBLIC_KEY_FILE": str(accounts.public_key_file),
+        }
+        children.append(_spawn("agent", [*base, "agent"], agent_env))
+        _announce(broker, settings, accounts, operator_config, state)
         code = _watch(children)
     except KeyboardInterrupt:
         click.echo("\nstopping the local fleet", err=True)
@@ -130,28 +245,40 @@ def _watch(children: list[_Child]) -> int:
         time.sleep(_POLL_S)
 
 
-def _announce(broker: LocalBroker, database_url: str, node_id: str, state: CliState) -> None:
+def _announce(
+    broker: LocalBroker,
+    settings: Settings,
+    accounts: _Accounts,
+    operator_config: Path,
+    state: CliState,
+) -> None:
     exports = []
-    if broker.url != DEFAULT_BROKER_URL:
-        exports.append(f"export MQFLEET_BROKER_URL={broker.url}")
-    if state.database_url is not None:
-        exports.append(f"export MQFLEET_DATABASE_URL='{state.database_url}'")
-    if state.config_file is not None:
-        exports.append(f"export MQFLEET_CONFIG='{state.config_file}'")
+    # The CLI reads the operator config by default only when no other config is in use.
+    if (
+        state.config_file is not None
+        or os.environ.get("MQFLEET_CONFIG")
+        or default_config_file().is_file()
+    ):
+        exports.append(f"export MQFLEET_CONFIG='{operator_config}'")
+    # The environment beats the config file: a stale broker URL there would win.
+    exports += [f"unset {name}" for name in ("MQFLEET_BROKER_URL",) if os.environ.get(name)]
     from mqfleet.store.engine import describe_url  # noqa: PLC0415 - only for this message
 
+    node_id = settings.node_id
     lines = [
         "",
-        "mqfleet is up:",
-        f"  broker     {broker.url}  (data in {broker.data_dir})",
-        f"  database   {describe_url(database_url)}",
-        f"  agent      node {node_id!r}",
+        "mqfleet is up (authentication on, commands signed):",
+        f"  broker     {broker.url}  (anonymous clients refused; data in {broker.data_dir})",
+        f"  database   {describe_url(settings.database_url)}",
+        f"  agent      node {node_id!r}, runs commands signed by key {accounts.key_id}",
+        f"  operator   {operator_config}  (broker token and key; the CLI reads it by default)",
         "",
         "In another terminal, try:",
         *(f"  {line}" for line in exports),
         "  mqfleet nodes",
         f"  mqfleet show {node_id}",
         "  mqfleet run --all -- uptime",
+        "  mqfleet provision web-2      # a config file for another node",
         "",
         "Press Ctrl-C to stop the broker, the collector and the agent.",
         "",
