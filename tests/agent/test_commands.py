@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import pwd
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,6 +19,8 @@ from mqfleet.agent.commands import (
     EXPIRED_BEFORE_START,
     CommandService,
 )
+from mqfleet.agent.service import warn_about_exposed_files
+from mqfleet.errors import ConfigError
 from mqfleet.protocol import (
     MAX_PAYLOAD_BYTES,
     CommandFinished,
@@ -26,10 +31,10 @@ from mqfleet.protocol import (
     utc_now,
 )
 from mqfleet.security import sign_command
+from mqfleet.settings import load_settings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
-    from pathlib import Path
 
     from mqfleet.settings import Settings
 
@@ -406,3 +411,65 @@ async def test_huge_outputs_still_fit_the_result_payload_limit(
 async def test_accept_before_start_is_a_programming_error(settings: Settings) -> None:
     with pytest.raises(RuntimeError, match="start"):
         CommandService(settings).accept(command("c-1", "true"))
+
+
+NOBODY_HOME_EXISTS = Path(pwd.getpwnam("nobody").pw_dir).is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+async def test_run_as_user_runs_commands_as_that_user(
+    make_settings: Callable[..., Settings],
+) -> None:
+    nobody = pwd.getpwnam("nobody")
+    settings = make_settings(node_id=NODE, run_as_user="nobody")
+    service, publish = await started(settings), FakePublisher()
+    async with serving(service, publish):
+        service.accept(command("c-1", 'id -u; id -g; echo "$USER $HOME"; pwd'))
+        await wait_until(lambda: publish.final("c-1"))
+    final = publish.final("c-1")
+    assert final is not None
+    home = nobody.pw_dir if NOBODY_HOME_EXISTS else "/"
+    assert final.stdout.splitlines() == [
+        str(nobody.pw_uid),
+        str(nobody.pw_gid),
+        f"nobody {nobody.pw_dir}",
+        home,
+    ]
+
+
+def test_run_as_user_is_refused_clearly_when_the_agent_is_not_root(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mqfleet.agent.commands.os.geteuid", lambda: 4242)
+    settings = make_settings(node_id=NODE, run_as_user="nobody")
+    with pytest.raises(ConfigError, match=r"run_as_user 'nobody' needs the agent to run as root"):
+        CommandService(settings)
+    with pytest.raises(ConfigError, match="no such user"):
+        CommandService(make_settings(node_id=NODE, run_as_user="no-such-user-here"))
+
+
+def test_a_missing_public_key_file_is_a_one_line_config_error(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(node_id=NODE, operator_public_key_file=tmp_path / "absent.pub")
+    with pytest.raises(ConfigError, match=r"cannot read operator public key .*absent\.pub"):
+        CommandService(settings)
+
+
+def test_exposed_config_and_writable_key_files_are_warned_about(
+    make_settings: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'node_id = "{NODE}"\n')
+    config.chmod(0o644)
+    settings = load_settings(config_file=config)
+    assert settings.operator_public_key_file is not None
+    settings.operator_public_key_file.chmod(0o666)
+    warn_about_exposed_files(settings)
+    assert f"run: chmod 600 {config}" in caplog.text
+    assert f"run: chmod 644 {settings.operator_public_key_file}" in caplog.text
+    caplog.clear()
+    config.chmod(0o600)
+    settings.operator_public_key_file.chmod(0o644)
+    warn_about_exposed_files(settings)
+    assert caplog.text == ""
