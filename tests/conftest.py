@@ -66,15 +66,19 @@ def mosquitto(tmp_path: Path) -> Iterator[LocalBroker]:
         broker.stop()
 
 
-def can_log_in(host: str, port: int, username: str, password: str) -> bool:
-    """Whether the broker accepts these credentials now (one MQTT 5 CONNECT, no retry)."""
+def can_log_in(host: str, port: int, username: str | None, password: str | None) -> bool:
+    """Whether the broker accepts these credentials now (one MQTT 5 CONNECT, no retry).
+
+    ``username=None`` connects anonymously.
+    """
     client = Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"probe-{uuid.uuid4().hex[:8]}",
         protocol=MQTTProtocolVersion.MQTTv5,
         reconnect_on_failure=False,
     )
-    client.username_pw_set(username, password)
+    if username is not None:
+        client.username_pw_set(username, password)
     answered = threading.Event()
     accepted: list[bool] = []
 
@@ -91,6 +95,12 @@ def can_log_in(host: str, port: int, username: str, password: str) -> bool:
         client.disconnect()
         client.loop_stop()
     return accepted == [True]
+
+
+@pytest.fixture
+def broker_accepts() -> Callable[[str, int, str | None, str | None], bool]:
+    """The :func:`can_log_in` check, for tests (conftest modules are not importable)."""
+    return can_log_in
 
 
 @dataclass

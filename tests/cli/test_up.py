@@ -55,20 +55,32 @@ def nodes(invoke: Callable[..., Result]) -> list[dict[str, object]]:
 
 @pytest.mark.integration
 def test_up_runs_a_local_fleet_and_ctrl_c_stops_it_in_order(
-    tmp_path: Path, invoke: Callable[..., Result]
+    tmp_path: Path, invoke: Callable[..., Result], broker_accepts: Callable[..., bool]
 ) -> None:
     out = tmp_path / "up.out"
+    port = free_port()
     with out.open("wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mqfleet", "up", "--port", str(free_port())],
+            [sys.executable, "-m", "mqfleet", "up", "--port", str(port)],
             stdout=sink, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         wait_for(lambda: b"Press Ctrl-C" in out.read_bytes(), "the banner", proc)
         banner = out.read_text()
-        assert "export MQFLEET_BROKER_URL=mqtt://127.0.0.1:" in banner
+        operator_config = tmp_path / "xdg-data" / "mqfleet" / "up" / "operator.toml"
+        assert f"operator   {operator_config}" in banner
+        assert "authentication on, commands signed" in banner
+        assert "export MQFLEET" not in banner  # the CLI finds the operator config itself
         assert "mqfleet run --all -- uptime" in banner
+        # The operator's token is in a 0600 file, never on the terminal.
+        assert operator_config.stat().st_mode & 0o777 == 0o600
+        assert "operator:" not in banner
+        # No flag, no token typed: the CLI reads up's operator config.
         wait_for(lambda: [n["status"] for n in nodes(invoke)] == ["online"], "the agent", proc)
+        assert not broker_accepts("127.0.0.1", port, None, None)  # anonymous: refused
+        ran = invoke("run", "--all", "--json", "--", "echo signed")
+        assert ran.exit_code == 0, ran.stderr
+        assert [r["stdout"] for r in json.loads(ran.stdout)["results"]] == ["signed\n"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, out.read_text()
     finally:
