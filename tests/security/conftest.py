@@ -149,31 +149,20 @@ class SecuredBroker:
         return self.broker.data_dir / "mosquitto.pid"
 
 
-AUTH_CONFIG = """
-# --- test: authentication and authorisation on --------------------------------------
-allow_anonymous false
-password_file {password_file}
-acl_file {acl_file}
-"""
-
-
 @pytest.fixture
 def secured_broker(tmp_path: Path) -> Iterator[SecuredBroker]:
-    """Mosquitto with accounts node-a, node-b, operator and collector, and the fleet ACL."""
+    """The shipped config (auth on), accounts node-a, node-b, operator, collector, fleet ACL."""
     tokens = {
         name: generate_token() for name in ("node-a", "node-b", OPERATOR_ACCOUNT, COLLECTOR_ACCOUNT)
     }
-    password_file = tmp_path / "auth" / "passwd"
-    acl_file = tmp_path / "auth" / "acl"
+    # No extra config: broker/mosquitto.conf itself turns authentication and the ACL on.
+    broker = LocalBroker(data_dir=tmp_path / "mosquitto")
+    password_file, acl_file = broker.password_file, broker.acl_file
     pwfile = PasswordFile()
     for name, token in tokens.items():
         pwfile.set_password(name, token)
     pwfile.write(password_file)
     acl_file.write_text(render_acl())
-    broker = LocalBroker(
-        data_dir=tmp_path / "mosquitto",
-        extra_config=AUTH_CONFIG.format(password_file=password_file, acl_file=acl_file),
-    )
     broker.start()
     secured = SecuredBroker(broker, password_file, acl_file, tokens)
     try:
