@@ -159,6 +159,28 @@ def metric_messages(nodes: list[str], count: int) -> list[tuple[str, bytes, bool
     return out
 
 
+def start_collector(b: object, url: str, work: Path, name: str = "collector") -> object:
+    """Start the collector and wait until its retained status says online (subscribed)."""
+    collector = start(name, mqfleet_argv(b.url, url, "collector"), work)  # type: ignore[attr-defined]
+    online = threading.Event()
+    watcher = paho()
+
+    def on_message(_c: object, _u: object, message: object) -> None:
+        if b'"online"' in message.payload:  # type: ignore[attr-defined]
+            online.set()
+
+    watcher.on_message = on_message
+    connect(watcher, b.port)  # type: ignore[attr-defined]
+    watcher.subscribe(TOPICS.collector_status(), qos=1)
+    ok = online.wait(60)
+    close(watcher)
+    if not ok:
+        raise TimeoutError(f"collector not online:\n{collector.tail()}")  # type: ignore[attr-defined]
+    # Its subscriptions are sent right before the online status, on the same connection.
+    time.sleep(0.2)
+    return collector
+
+
 # -- 1. ingest ---------------------------------------------------------------------------
 def bench_ingest(table: Table, kind: str, messages: int) -> None:
     """Collector drain rate of pre-queued metrics vs paho drain and raw executemany."""
@@ -166,7 +188,7 @@ def bench_ingest(table: Table, kind: str, messages: int) -> None:
     nodes = [f"ing-{i:04d}" for i in range(100)]
     payloads = metric_messages(nodes, messages)
     with workdir(f"ingest-{kind}") as work, broker(work) as b, database(kind, work) as url:
-        collector = start("collector", mqfleet_argv(b.url, url, "collector"), work)
+        collector = start_collector(b, url, work)
         publish_all(b.port, births(nodes))
         wait_for(
             lambda: scalar(url, "select count(*) from nodes") == len(nodes), 60, "births"
@@ -320,7 +342,7 @@ def bench_scale(table: Table, nodes: int, duration: float) -> None:
     interval = 10.0
     print(f"[scale] {nodes} nodes x {duration:.0f}s at {interval:.0f}s", flush=True)
     with workdir("scale") as work, broker(work) as b, database("sqlite", work) as url:
-        collector = start("collector", mqfleet_argv(b.url, url, "collector"), work)
+        collector = start_collector(b, url, work)
         probe = LagProbe(b.port)
         t_start = time.time()
         sim = simulator(work, b.port, nodes, interval)
@@ -461,7 +483,7 @@ def bench_rtt(table: Table, rounds: int) -> None:
     """`true` on one real agent: in-process and whole `mqfleet run`, vs paho ping-pong."""
     print(f"[rtt] {rounds} rounds", flush=True)
     with workdir("rtt") as work, broker(work) as b, database("sqlite", work) as url:
-        collector = start("collector", mqfleet_argv(b.url, url, "collector"), work)
+        collector = start_collector(b, url, work)
         keys = operator_keys(work)
         agent = start(
             "agent", mqfleet_argv(b.url, None, "agent", "--node-id", "bench-agent"), work,
@@ -495,7 +517,7 @@ def bench_fanout(table: Table, nodes: int) -> None:
     """`mqfleet run --all -- true` over simulated nodes: printed and stored."""
     print(f"[fanout] {nodes} nodes", flush=True)
     with workdir("fanout") as work, broker(work) as b, database("sqlite", work) as url:
-        collector = start("collector", mqfleet_argv(b.url, url, "collector"), work)
+        collector = start_collector(b, url, work)
         sim = simulator(work, b.port, nodes, 10.0)
         wait_for(
             lambda: scalar(url, "select count(*) from nodes where status='online'") == nodes,
@@ -512,7 +534,7 @@ def bench_fanout(table: Table, nodes: int) -> None:
         )
         printed = time.perf_counter() - t0
         doc = json.loads(proc.stdout or b"{}")
-        targets = doc.get("targets", [])
+        targets = doc.get("results", [])
         ok_targets = sum(1 for t in targets if t.get("status") == "success")
         batch = doc.get("batch_id")
         stored_q = (
