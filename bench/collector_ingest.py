@@ -68,19 +68,23 @@ def publish_backlog(port: int, total: int, nodes: int, topics_of: object) -> flo
     return rate
 
 
-async def wait_for(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` every 10 ms (the collector's counters are plain attributes)."""
+async def wait_for(condition: Callable[[], bool], task: asyncio.Task[None]) -> None:
+    """Poll ``condition`` every 10 ms; raise what ``task`` raised if it ends first."""
     # Counters are plain attributes with no event to await: poll them.
     while True:
         if condition():
             return
+        if task.done():
+            task.result()
+            raise RuntimeError("collector stopped early")
         await asyncio.sleep(0.01)
 
 
 async def main(total: int, nodes: int) -> None:
     """Queue ``total`` metrics from ``nodes`` nodes, then time one collector draining them."""
     with tempfile.TemporaryDirectory() as tmp:
-        broker = LocalBroker(data_dir=Path(tmp) / "mosquitto")
+        # Open mode: this measures ingest, not authentication.
+        broker = LocalBroker(data_dir=Path(tmp) / "mosquitto", auth=False)
         broker.start()
         try:
             url = f"sqlite:///{tmp}/bench.db"
@@ -88,7 +92,7 @@ async def main(total: int, nodes: int) -> None:
             # First run: create the persistent session and the schema, then stop.
             first = Collector(settings)
             task = asyncio.create_task(first.run())
-            await wait_for(first.ready.is_set)
+            await wait_for(first.ready.is_set, task)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
@@ -97,9 +101,9 @@ async def main(total: int, nodes: int) -> None:
 
             collector = Collector(settings)
             task = asyncio.create_task(collector.run())
-            await wait_for(collector.ready.is_set)
+            await wait_for(collector.ready.is_set, task)
             started = time.perf_counter()
-            await wait_for(lambda: collector.stats.metrics >= total)
+            await wait_for(lambda: collector.stats.metrics >= total, task)
             elapsed = time.perf_counter() - started
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

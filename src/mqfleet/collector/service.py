@@ -255,6 +255,7 @@ class Collector:
                 err = AuthenticationError(
                     f"broker {self.settings.broker} refused the collector: {reason_code}"
                 )
+                self._stopping = True  # what follows is not a lost connection
                 client.disconnect()  # stop paho from retrying with the same credentials
                 self._raise_fatal(err)
             else:
