@@ -16,7 +16,7 @@ from mqfleet.errors import StoreError
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Engine
 
-__all__ = ["create_store_engine", "normalise_url", "upgrade", "describe_url", "current_revision"]
+__all__ = ["create_store_engine", "current_revision", "describe_url", "normalise_url", "upgrade"]
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,14 @@ def normalise_url(url: str) -> URL:
     if parsed.drivername in {"postgresql", "postgres"}:
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() not in {"sqlite", "postgresql"}:
-        raise StoreError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
+        raise StoreError(
+            f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
+        )
     return parsed
 
 
 def describe_url(url: str) -> str:
-    """The URL without its password, for messages."""
+    """Render the URL without its password, for messages."""
     return normalise_url(url).render_as_string(hide_password=True)
 
 
@@ -93,7 +95,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The Alembic revision the database is at, or None if never migrated."""
+    """Return the Alembic revision the database is at, or None if never migrated."""
     from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
 
     with engine.connect() as conn:

@@ -8,12 +8,14 @@ keys of the design. Columns added for features are marked "added:" with the reas
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
 
 __all__ = ["Command", "CommandResult", "Node", "NodeMetric", "UTCDateTime", "metadata"]
 
@@ -73,7 +75,7 @@ def _ts(*, nullable: bool = True, default_now: bool = False, index: bool = False
 class Node(SQLModel, table=True):
     """One node of the fleet, registered by its first birth (or metric)."""
 
-    __tablename__: ClassVar[str] = "nodes"  # type: ignore[misc]
+    __tablename__: ClassVar[str] = "nodes"
 
     id: int | None = Field(default=None, primary_key=True)
     node_id: str = Field(max_length=64, unique=True, nullable=False)
@@ -99,7 +101,7 @@ class Node(SQLModel, table=True):
 class NodeMetric(SQLModel, table=True):
     """One metrics sample of one node."""
 
-    __tablename__: ClassVar[str] = "node_metrics"  # type: ignore[misc]
+    __tablename__: ClassVar[str] = "node_metrics"
     __table_args__ = (
         sa.Index("idx_node_metrics_time", "node_id", "metric_time"),
         # added: QoS 1 may deliver a sample twice; (node, session, seq) names it once.
@@ -133,7 +135,7 @@ class NodeMetric(SQLModel, table=True):
 class Command(SQLModel, table=True):
     """A shell command for one node, as published on its command topic."""
 
-    __tablename__: ClassVar[str] = "commands"  # type: ignore[misc]
+    __tablename__: ClassVar[str] = "commands"
 
     id: int | None = Field(default=None, primary_key=True)
     command_id: str = Field(max_length=64, unique=True, nullable=False)
@@ -165,7 +167,7 @@ class Command(SQLModel, table=True):
 class CommandResult(SQLModel, table=True):
     """The final result of a command: exactly one row per command."""
 
-    __tablename__: ClassVar[str] = "command_results"  # type: ignore[misc]
+    __tablename__: ClassVar[str] = "command_results"
 
     id: int | None = Field(default=None, primary_key=True)
     command_id: str = Field(
