@@ -50,6 +50,9 @@ from mqfleet.agent.executor import CommandExecutor, Execution, RunAs
 from mqfleet.agent.journal import CommandJournal, JournalEntry, ResultOutbox
 from mqfleet.errors import AgentStateError, CommandRefusedError, ConfigError, ProtocolError
 from mqfleet.protocol import (
+    ERROR_AGENT_RESTARTED,
+    ERROR_EXPIRED_BEFORE_DELIVERY,
+    ERROR_EXPIRED_BEFORE_START,
     MAX_PAYLOAD_BYTES,
     CommandFinished,
     CommandRequest,
@@ -85,9 +88,9 @@ log = logging.getLogger(__name__)
 #: broker has acknowledged it (PUBACK). Raises when the connection is lost.
 Publish = Callable[[str, bytes], Awaitable[None]]
 
-EXPIRED_BEFORE_DELIVERY: Final = "expired before delivery"
-EXPIRED_BEFORE_START: Final = "expired before it could start"
-AGENT_RESTARTED: Final = "agent restarted"
+EXPIRED_BEFORE_DELIVERY: Final = ERROR_EXPIRED_BEFORE_DELIVERY
+EXPIRED_BEFORE_START: Final = ERROR_EXPIRED_BEFORE_START
+AGENT_RESTARTED: Final = ERROR_AGENT_RESTARTED
 #: Expired ids are pruned from the journal at most this often.
 _PRUNE_INTERVAL_S: Final = 60.0
 #: Outputs are shrunk down to this many bytes per stream, if need be, to fit a result

@@ -34,6 +34,8 @@ from mqfleet.agent.probes import MetricsProbe, MetricsSource, default_source
 from mqfleet.agent.state import SessionCounter
 from mqfleet.errors import AuthenticationError, BrokerError, MqfleetError, ProtocolError
 from mqfleet.protocol import (
+    REASON_CONNECTION_LOST,
+    REASON_SHUTDOWN,
     NodeStatus,
     StatusReport,
     decode_status,
@@ -78,8 +80,8 @@ STABLE_CONNECTION_S: Final = 10.0
 MIN_SAMPLE_TIMEOUT_S: Final = 5.0
 #: How long a clean shutdown waits for the broker to acknowledge the offline status.
 SHUTDOWN_PUBLISH_TIMEOUT_S: Final = 5.0
-WILL_REASON: Final = "connection lost"
-SHUTDOWN_REASON: Final = "shutdown"
+WILL_REASON: Final = REASON_CONNECTION_LOST
+SHUTDOWN_REASON: Final = REASON_SHUTDOWN
 _MAX_REASON: Final = 255
 
 

@@ -38,7 +38,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mqfleet.collector.writer import BatchOutcome, Inbound, StoreWriter
 from mqfleet.errors import AuthenticationError, MqfleetError, StoreError
-from mqfleet.protocol import CollectorStatus, encode, utc_now
+from mqfleet.protocol import (
+    REASON_CONNECTION_LOST,
+    REASON_SHUTDOWN,
+    CollectorStatus,
+    encode,
+    utc_now,
+)
 from mqfleet.store.engine import create_store_engine, describe_url, upgrade
 from mqfleet.transport import (
     AUTH_FAILURE_CODES,
@@ -204,7 +210,7 @@ class Collector:
         client = paho_client(settings, client_id=settings.collector_id, manual_ack=True)
         client.will_set(
             self._topics.collector_status(),
-            self._status_payload("offline", "connection lost"),
+            self._status_payload("offline", REASON_CONNECTION_LOST),
             qos=1,
             retain=True,
         )
@@ -545,7 +551,7 @@ class Collector:
         if client.is_connected():
             client.publish(
                 self._topics.collector_status(),
-                self._status_payload("offline", "shutdown"),
+                self._status_payload("offline", REASON_SHUTDOWN),
                 qos=1,
                 retain=True,
             )

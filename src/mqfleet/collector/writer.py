@@ -23,6 +23,8 @@ from sqlalchemy.exc import DataError, IntegrityError
 from mqfleet.errors import ProtocolError
 from mqfleet.protocol import (
     COMMAND_TERMINAL_STATUSES,
+    ERROR_NOT_DELIVERED,
+    REASON_HEARTBEAT_TIMEOUT,
     CommandFinished,
     CommandRequest,
     CommandStarted,
@@ -57,9 +59,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: ``status_reason`` of a node that went silent for 3 x its interval.
-HEARTBEAT_TIMEOUT: Final = "heartbeat timeout"
+HEARTBEAT_TIMEOUT: Final = REASON_HEARTBEAT_TIMEOUT
 #: ``command_results.error`` of a command that stayed pending until it expired.
-EXPIRED_ERROR: Final = "not delivered before expiry"
+EXPIRED_ERROR: Final = ERROR_NOT_DELIVERED
 #: ``ip_address`` of a node known only from its metrics (the column is NOT NULL).
 UNKNOWN_IP: Final = "unknown"
 #: A node is silent after this many intervals without a message.

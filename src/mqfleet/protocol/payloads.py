@@ -24,7 +24,14 @@ from mqfleet.protocol.topics import NODE_ID_PATTERN
 
 __all__ = [
     "COMMAND_TERMINAL_STATUSES",
+    "ERROR_AGENT_RESTARTED",
+    "ERROR_EXPIRED_BEFORE_DELIVERY",
+    "ERROR_EXPIRED_BEFORE_START",
+    "ERROR_NOT_DELIVERED",
     "PROTOCOL_VERSION",
+    "REASON_CONNECTION_LOST",
+    "REASON_HEARTBEAT_TIMEOUT",
+    "REASON_SHUTDOWN",
     "CollectorStatus",
     "CommandFinished",
     "CommandRequest",
@@ -42,6 +49,23 @@ PROTOCOL_VERSION: Final = 1
 NodeStatus = Literal["online", "offline", "error"]
 CommandStatus = Literal["pending", "running", "success", "failed", "timeout"]
 COMMAND_TERMINAL_STATUSES: Final[frozenset[str]] = frozenset({"success", "failed", "timeout"})
+
+# Fixed reason and error texts of protocol v1: producers and consumers share these, and
+# operators grep for them, so each is defined here once.
+#: StatusReport.reason of the Will registered at CONNECT.
+REASON_CONNECTION_LOST: Final = "connection lost"
+#: StatusReport.reason of a clean stop (agent or collector).
+REASON_SHUTDOWN: Final = "shutdown"
+#: nodes.status_reason when the collector hears nothing for 3 x the node's interval.
+REASON_HEARTBEAT_TIMEOUT: Final = "heartbeat timeout"
+#: CommandFinished.error (timeout) of a command whose expires_at passed before it arrived.
+ERROR_EXPIRED_BEFORE_DELIVERY: Final = "expired before delivery"
+#: CommandFinished.error (timeout) of a command that expired while queued on the node.
+ERROR_EXPIRED_BEFORE_START: Final = "expired before it could start"
+#: CommandFinished.error (failed) of a command cut short by an agent crash; never re-run.
+ERROR_AGENT_RESTARTED: Final = "agent restarted"
+#: command_results.error (timeout) written by the collector for a command never delivered.
+ERROR_NOT_DELIVERED: Final = "not delivered before expiry"
 
 
 def utc_now() -> datetime:

@@ -39,6 +39,9 @@ from paho.mqtt.enums import MQTTErrorCode
 from mqfleet import __version__
 from mqfleet.errors import AuthenticationError, ConfigError, MqfleetError, ProtocolError
 from mqfleet.protocol import (
+    ERROR_EXPIRED_BEFORE_DELIVERY,
+    REASON_CONNECTION_LOST,
+    REASON_SHUTDOWN,
     CommandFinished,
     CommandRequest,
     CommandStarted,
@@ -99,9 +102,9 @@ _TICK_S: Final = 0.1
 #: Longest time between two keepalive checks of one node.
 _MISC_PERIOD_MAX_S: Final = 5.0
 SHUTDOWN_TIMEOUT_S: Final = 10.0
-WILL_REASON: Final = "connection lost"
-SHUTDOWN_REASON: Final = "shutdown"
-EXPIRED_BEFORE_DELIVERY: Final = "expired before delivery"
+WILL_REASON: Final = REASON_CONNECTION_LOST
+SHUTDOWN_REASON: Final = REASON_SHUTDOWN
+EXPIRED_BEFORE_DELIVERY: Final = ERROR_EXPIRED_BEFORE_DELIVERY
 OS_INFO: Final = "Linux (simulated by mqfleet simulate)"
 #: Accepted command ids are forgotten this long after they expired.
 _ACCEPTED_PRUNE_AT: Final = 4096
