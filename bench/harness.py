@@ -131,7 +131,7 @@ def bench_env() -> dict[str, str]:
 def operator_keys(work: Path) -> dict[str, str]:
     """Create an operator key pair; return the environment that signs and verifies with it."""
     key = work / "operator.key"
-    subprocess.run(  # noqa: S603 - our own CLI
+    subprocess.run(
         [MQFLEET, "keys", "init", "--private-key", str(key)],
         check=True,
         capture_output=True,
@@ -180,7 +180,7 @@ def start(
     """Start ``argv`` in its own session with its output in ``work/<name>.log``."""
     log_path = work / f"{name}.log"
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and fixed arguments
+        proc = subprocess.Popen(
             argv,
             stdin=kwargs.pop("stdin", subprocess.DEVNULL),  # type: ignore[arg-type]
             stdout=kwargs.pop("stdout", log),  # type: ignore[arg-type]
@@ -192,7 +192,9 @@ def start(
     return Service(name, proc, log_path)
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1) -> float:
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1
+) -> float:
     """Poll ``condition`` until true; return the time it took; raise on timeout."""
     t0 = time.monotonic()
     while not condition():

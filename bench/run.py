@@ -77,7 +77,9 @@ def paho(client_id: str = "") -> Client:
     return client
 
 
-def connect(client: Client, port: int, *, clean: bool = True, receive_maximum: int | None = None) -> None:
+def connect(
+    client: Client, port: int, *, clean: bool = True, receive_maximum: int | None = None
+) -> None:
     """Connect with an optional persistent session; wait for CONNACK."""
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 0 if clean else BENCH_SESSION_EXPIRY
@@ -134,8 +136,13 @@ def births(nodes: list[str]) -> list[tuple[str, bytes, bool]]:
             TOPICS.status(n),
             encode(
                 StatusReport(
-                    node_id=n, status="online", session=1, ts=now, hostname=n,
-                    ip_address="10.0.0.1", interval_s=10.0,
+                    node_id=n,
+                    status="online",
+                    session=1,
+                    ts=now,
+                    hostname=n,
+                    ip_address="10.0.0.1",
+                    interval_s=10.0,
                 )
             ),
             True,
@@ -152,8 +159,14 @@ def metric_messages(nodes: list[str], count: int) -> list[tuple[str, bytes, bool
         node = nodes[i % len(nodes)]
         seq = i // len(nodes)
         report = MetricsReport(
-            node_id=node, session=1, seq=seq, ts=base + timedelta(seconds=10 * seq),
-            cpu_usage=12.5, memory_usage=43.25, disk_usage=71.0, load_average=0.42,
+            node_id=node,
+            session=1,
+            seq=seq,
+            ts=base + timedelta(seconds=10 * seq),
+            cpu_usage=12.5,
+            memory_usage=43.25,
+            disk_usage=71.0,
+            load_average=0.42,
         )
         out.append((TOPICS.metrics(node), encode(report), False))
     return out
@@ -190,9 +203,7 @@ def bench_ingest(table: Table, kind: str, messages: int) -> None:
     with workdir(f"ingest-{kind}") as work, broker(work) as b, database(kind, work) as url:
         collector = start_collector(b, url, work)
         publish_all(b.port, births(nodes))
-        wait_for(
-            lambda: scalar(url, "select count(*) from nodes") == len(nodes), 60, "births"
-        )
+        wait_for(lambda: scalar(url, "select count(*) from nodes") == len(nodes), 60, "births")
         # Stop it: the broker keeps its persistent session and queues what follows.
         collector.stop()
         publish_rate = publish_all(b.port, payloads)
@@ -212,7 +223,18 @@ def bench_ingest(table: Table, kind: str, messages: int) -> None:
     loss = messages - stored
     ok = rate >= 20_000 and loss == 0 and distinct == stored
     note = f"{stored}/{messages} stored, {loss} lost; publisher {publish_rate:,.0f}/s"
-    table.add(Row(f"1. ingest {kind}", rate, "msg/s", "bare paho drain", drain, ">= 20,000/s, 0 lost", ok, note))
+    table.add(
+        Row(
+            f"1. ingest {kind}",
+            rate,
+            "msg/s",
+            "bare paho drain",
+            drain,
+            ">= 20,000/s, 0 lost",
+            ok,
+            note,
+        )
+    )
     table.add(Row(f"1. ingest {kind} vs DB", rate, "msg/s", "raw executemany", raw, "", None))
 
 
@@ -263,8 +285,15 @@ def executemany_rate(kind: str, rows: int) -> float:
             )
         batch = [
             {
-                "node_id": "raw", "metric_time": now, "cpu_usage": 1.0, "memory_usage": 2.0,
-                "disk_usage": 3.0, "load_average": 0.1, "created_at": now, "session": 1, "seq": i,
+                "node_id": "raw",
+                "metric_time": now,
+                "cpu_usage": 1.0,
+                "memory_usage": 2.0,
+                "disk_usage": 3.0,
+                "load_average": 0.1,
+                "created_at": now,
+                "session": 1,
+                "seq": i,
             }
             for i in range(rows)
         ]
@@ -298,8 +327,18 @@ class LagProbe:
 
 def simulator(work: Path, port: int, nodes: int, interval: float, name: str = "sim") -> object:
     """Start bench/simproc.py (stdin-steered) and return its Service."""
-    argv = [PYTHON, SIMPROC, "--broker", f"mqtt://127.0.0.1:{port}", "--nodes", str(nodes),
-            "--interval", str(interval), "--ledger", str(work / f"{name}-ledger.json")]
+    argv = [
+        PYTHON,
+        SIMPROC,
+        "--broker",
+        f"mqtt://127.0.0.1:{port}",
+        "--nodes",
+        str(nodes),
+        "--interval",
+        str(interval),
+        "--ledger",
+        str(work / f"{name}-ledger.json"),
+    ]
     return start(name, argv, work, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
@@ -348,7 +387,9 @@ def bench_scale(table: Table, nodes: int, duration: float) -> None:
         sim = simulator(work, b.port, nodes, interval)
         ramp = wait_for(
             lambda: scalar(url, "select count(*) from nodes where status='online'") == nodes,
-            max(120.0, nodes / 50), "every node online", poll_s=0.5,
+            max(120.0, nodes / 50),
+            "every node online",
+            poll_s=0.5,
         )
         measure_from = datetime.now(UTC) + timedelta(seconds=interval)
         time.sleep(duration)
@@ -356,7 +397,9 @@ def bench_scale(table: Table, nodes: int, duration: float) -> None:
         expected = sum(n for s in ledger["sessions"].values() for n in s.values())
         wait_for(
             lambda: int(scalar(url, "select count(*) from node_metrics") or 0) >= expected,
-            120, "every sample stored", poll_s=0.5,
+            120,
+            "every sample stored",
+            poll_s=0.5,
         )
         time.sleep(1.0)  # a duplicate would land now
         collector.stop()
@@ -374,10 +417,23 @@ def bench_scale(table: Table, nodes: int, duration: float) -> None:
         base = [lag for lag in probe.lags if lag < 3600]
     p99 = percentile(lags, 99)
     ok = bad == 0 and want == got and p99 < 2.0
-    note = (f"{nodes} nodes x {duration:.0f}s, ramp {ramp:.0f}s, {got}/{want} stored, "
-            f"{bad} mismatched (node, session); p50 {percentile(lags, 50):.3f}s; "
-            f"elapsed {time.time() - t_start:.0f}s")
-    table.add(Row("2. scale: p99 ingest lag", p99, "s", "p99 broker->paho lag", percentile(base, 99), "< 2 s, 0 lost", ok, note))
+    note = (
+        f"{nodes} nodes x {duration:.0f}s, ramp {ramp:.0f}s, {got}/{want} stored, "
+        f"{bad} mismatched (node, session); p50 {percentile(lags, 50):.3f}s; "
+        f"elapsed {time.time() - t_start:.0f}s"
+    )
+    table.add(
+        Row(
+            "2. scale: p99 ingest lag",
+            p99,
+            "s",
+            "p99 broker->paho lag",
+            percentile(base, 99),
+            "< 2 s, 0 lost",
+            ok,
+            note,
+        )
+    )
 
 
 # -- 3. command round trip ----------------------------------------------------------------
@@ -385,7 +441,8 @@ def wait_online(url: str, node: str, timeout: float = 60) -> None:
     """Wait until the collector has ``node`` online."""
     wait_for(
         lambda: scalar(url, "select status from nodes where node_id=:n", n=node) == "online",
-        timeout, f"{node} online",
+        timeout,
+        f"{node} online",
     )
 
 
@@ -393,8 +450,13 @@ def command(node: str, text: str = "true") -> CommandRequest:
     """A command request for ``node``."""
     now = utc_now()
     return CommandRequest(
-        command_id=str(uuid.uuid4()), node_id=node, command_text=text, timeout_s=30.0,
-        created_at=now, expires_at=now + timedelta(minutes=5), issuer="bench",
+        command_id=str(uuid.uuid4()),
+        node_id=node,
+        command_text=text,
+        timeout_s=30.0,
+        created_at=now,
+        expires_at=now + timedelta(minutes=5),
+        issuer="bench",
     )
 
 
@@ -465,7 +527,7 @@ def process_times(
     out, code = [], 0
     for _ in range(rounds):
         t0 = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, check=False, env={**_env(), **(env or {})})  # noqa: S603
+        proc = subprocess.run(argv, capture_output=True, check=False, env={**_env(), **(env or {})})
         out.append(time.perf_counter() - t0)
         code = proc.returncode
         if code != 0:
@@ -486,7 +548,9 @@ def bench_rtt(table: Table, rounds: int) -> None:
         collector = start_collector(b, url, work)
         keys = operator_keys(work)
         agent = start(
-            "agent", mqfleet_argv(b.url, None, "agent", "--node-id", "bench-agent"), work,
+            "agent",
+            mqfleet_argv(b.url, None, "agent", "--node-id", "bench-agent"),
+            work,
             env={"MQFLEET_STATE_DIR": str(work / "agent-state"), **keys},
         )
         wait_online(url, "bench-agent")
@@ -505,11 +569,44 @@ def bench_rtt(table: Table, rounds: int) -> None:
         agent.stop()
         collector.stop()
     p50 = median(inproc) * 1000
-    table.add(Row("3. rtt `true`, real agent, in-process p50", p50, "ms", "paho ping-pong p50", median(base) * 1000, "< 5 ms", p50 < 5, f"p99 {percentile(inproc, 99) * 1000:.1f} ms; ping-pong p99 {percentile(base, 99) * 1000:.2f} ms"))
+    table.add(
+        Row(
+            "3. rtt `true`, real agent, in-process p50",
+            p50,
+            "ms",
+            "paho ping-pong p50",
+            median(base) * 1000,
+            "< 5 ms",
+            p50 < 5,
+            f"p99 {percentile(inproc, 99) * 1000:.1f} ms; ping-pong p99 {percentile(base, 99) * 1000:.2f} ms",
+        )
+    )
     p50s = median(inproc_sim) * 1000
-    table.add(Row("3. rtt `true`, simulated node, in-process p50", p50s, "ms", "paho ping-pong p50", median(base) * 1000, "", None, f"p99 {percentile(inproc_sim, 99) * 1000:.1f} ms"))
+    table.add(
+        Row(
+            "3. rtt `true`, simulated node, in-process p50",
+            p50s,
+            "ms",
+            "paho ping-pong p50",
+            median(base) * 1000,
+            "",
+            None,
+            f"p99 {percentile(inproc_sim, 99) * 1000:.1f} ms",
+        )
+    )
     w50 = median(whole) * 1000
-    table.add(Row("3. rtt whole `mqfleet run -n NODE -- true` p50", w50, "ms", "`python -c pass` p50", median(py_start) * 1000, "< 250 ms", w50 < 250 and code == 0, f"p99 {percentile(whole, 99) * 1000:.0f} ms, exit {code}; Salt cmd.run ~500 ms (issue)"))
+    table.add(
+        Row(
+            "3. rtt whole `mqfleet run -n NODE -- true` p50",
+            w50,
+            "ms",
+            "`python -c pass` p50",
+            median(py_start) * 1000,
+            "< 250 ms",
+            w50 < 250 and code == 0,
+            f"p99 {percentile(whole, 99) * 1000:.0f} ms, exit {code}; Salt cmd.run ~500 ms (issue)",
+        )
+    )
 
 
 # -- 4. fan-out ---------------------------------------------------------------------------
@@ -521,16 +618,20 @@ def bench_fanout(table: Table, nodes: int) -> None:
         sim = simulator(work, b.port, nodes, 10.0)
         wait_for(
             lambda: scalar(url, "select count(*) from nodes where status='online'") == nodes,
-            120, "every node online", poll_s=0.5,
+            120,
+            "every node online",
+            poll_s=0.5,
         )
         keys = operator_keys(work)
         single, _ = process_times(
             mqfleet_argv(b.url, url, "run", "-n", "sim-00001", "--", "true"), 3, keys
         )
         t0 = time.perf_counter()
-        proc = subprocess.run(  # noqa: S603
+        proc = subprocess.run(
             mqfleet_argv(b.url, url, "run", "--all", "--json", "--", "true"),
-            capture_output=True, check=False, env={**_env(), **keys},
+            capture_output=True,
+            check=False,
+            env={**_env(), **keys},
         )
         printed = time.perf_counter() - t0
         doc = json.loads(proc.stdout or b"{}")
@@ -541,13 +642,27 @@ def bench_fanout(table: Table, nodes: int) -> None:
             "select count(*) from command_results r join commands c on c.command_id=r.command_id "
             "where c.batch_id=:b and c.status='success'"
         )
-        stored_after = wait_for(
-            lambda: scalar(url, stored_q, b=batch) == nodes, 60, "every result stored", 0.05
-        ) + printed
+        stored_after = (
+            wait_for(
+                lambda: scalar(url, stored_q, b=batch) == nodes, 60, "every result stored", 0.05
+            )
+            + printed
+        )
         stop_simulator(sim, work)
         collector.stop()
     ok = proc.returncode == 0 and ok_targets == nodes and stored_after < 3.0
-    table.add(Row(f"4. fan-out `run --all -- true` x{nodes}", printed, "s", "`run -n` one node", median(single), "< 3 s, all stored", ok, f"exit {proc.returncode}, {ok_targets} success printed, all stored after {stored_after:.2f}s"))
+    table.add(
+        Row(
+            f"4. fan-out `run --all -- true` x{nodes}",
+            printed,
+            "s",
+            "`run -n` one node",
+            median(single),
+            "< 3 s, all stored",
+            ok,
+            f"exit {proc.returncode}, {ok_targets} success printed, all stored after {stored_after:.2f}s",
+        )
+    )
 
 
 # -- 5. agent footprint ---------------------------------------------------------------------
@@ -567,8 +682,12 @@ def bench_footprint(table: Table, seconds: float) -> None:
     """RSS and CPU of the real agent idle at its default interval, beside bare python."""
     print(f"[footprint] {seconds:.0f}s idle", flush=True)
     with workdir("footprint") as work, broker(work) as b:
-        agent = start("agent", mqfleet_argv(b.url, None, "agent", "--node-id", "bench-agent"), work,
-                      env={"MQFLEET_STATE_DIR": str(work / "agent-state"), **operator_keys(work)})
+        agent = start(
+            "agent",
+            mqfleet_argv(b.url, None, "agent", "--node-id", "bench-agent"),
+            work,
+            env={"MQFLEET_STATE_DIR": str(work / "agent-state"), **operator_keys(work)},
+        )
         bare = start("python", [PYTHON, "-c", "import time\nwhile True: time.sleep(10)"], work)
         time.sleep(5)  # start-up done, first sample published
         pids = {"agent": agent.proc.pid, "bare": bare.proc.pid}
@@ -579,8 +698,30 @@ def bench_footprint(table: Table, seconds: float) -> None:
         agent.stop()
         bare.stop()
     exporter = "node_exporter not installed on this machine: not measured"
-    table.add(Row("5. agent RSS (idle, 10 s interval)", rss["agent"], "MiB", "bare python", rss["bare"], "<= 30 MiB", rss["agent"] <= 30, exporter))
-    table.add(Row("5. agent CPU (idle, 10 s interval)", cpu["agent"], "% core", "bare python", cpu["bare"], "<= 0.2 %", cpu["agent"] <= 0.2, f"over {seconds:.0f}s"))
+    table.add(
+        Row(
+            "5. agent RSS (idle, 10 s interval)",
+            rss["agent"],
+            "MiB",
+            "bare python",
+            rss["bare"],
+            "<= 30 MiB",
+            rss["agent"] <= 30,
+            exporter,
+        )
+    )
+    table.add(
+        Row(
+            "5. agent CPU (idle, 10 s interval)",
+            cpu["agent"],
+            "% core",
+            "bare python",
+            cpu["bare"],
+            "<= 0.2 %",
+            cpu["agent"] <= 0.2,
+            f"over {seconds:.0f}s",
+        )
+    )
 
 
 # -- 6. CLI reads ---------------------------------------------------------------------------
@@ -595,7 +736,10 @@ def fill_sqlite(path: Path, nodes: int, rows: int) -> float:
     conn.executemany(
         "insert into nodes (node_id, hostname, ip_address, os_info, status, last_heartbeat, "
         "registered_at, updated_at, session, interval_s) values (?, ?, ?, ?, 'online', ?, ?, ?, 1, 10.0)",
-        [(f"sim-{i:05d}", f"sim-{i:05d}", "10.0.0.1", "Linux", stamp, stamp, stamp) for i in range(1, nodes + 1)],
+        [
+            (f"sim-{i:05d}", f"sim-{i:05d}", "10.0.0.1", "Linux", stamp, stamp, stamp)
+            for i in range(1, nodes + 1)
+        ],
     )
     per_node = max(1, rows // nodes)
     t0 = time.perf_counter()
@@ -640,9 +784,33 @@ def bench_reads(table: Table, rows: int, nodes: int = 10_000) -> None:
         py_t, _ = process_times([PYTHON, "-c", "pass"], 5)
     base = median(py_t) * 1000
     n50, m50 = median(nodes_t) * 1000, median(metrics_t) * 1000
-    note = f"filled at {fill_rate:,.0f} rows/s; `mqfleet --version` {median(version_t) * 1000:.0f} ms"
-    table.add(Row(f"6. `mqfleet nodes` ({nodes} nodes) p50", n50, "ms", "`python -c pass`", base, "< 300 ms", n50 < 300 and c1 == 0, note))
-    table.add(Row(f"6. `mqfleet metrics NODE --since 1h` ({total:,} rows) p50", m50, "ms", "`python -c pass`", base, "< 300 ms", m50 < 300 and c2 == 0, ""))
+    note = (
+        f"filled at {fill_rate:,.0f} rows/s; `mqfleet --version` {median(version_t) * 1000:.0f} ms"
+    )
+    table.add(
+        Row(
+            f"6. `mqfleet nodes` ({nodes} nodes) p50",
+            n50,
+            "ms",
+            "`python -c pass`",
+            base,
+            "< 300 ms",
+            n50 < 300 and c1 == 0,
+            note,
+        )
+    )
+    table.add(
+        Row(
+            f"6. `mqfleet metrics NODE --since 1h` ({total:,} rows) p50",
+            m50,
+            "ms",
+            "`python -c pass`",
+            base,
+            "< 300 ms",
+            m50 < 300 and c2 == 0,
+            "",
+        )
+    )
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -650,7 +818,9 @@ ALL = ("ingest", "scale", "rtt", "fanout", "footprint", "reads")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {ALL}")
     parser.add_argument("--messages", type=int, default=50_000, help="ingest: metrics per backend")
     parser.add_argument("--nodes", type=int, default=1000, help="scale: simulated nodes")
@@ -665,8 +835,11 @@ def main() -> int:
     unknown = set(chosen) - set(ALL)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, {platform.platform()}", flush=True)
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, {platform.platform()}",
+        flush=True,
+    )
     table = Table()
     t0 = time.time()
     for name in chosen:
@@ -689,7 +862,9 @@ def main() -> int:
                 bench_reads(table, args.rows)
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the rest
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
-            table.rows.append(Row(name, float("nan"), "", "", float("nan"), "", False, f"failed: {exc}"))
+            table.rows.append(
+                Row(name, float("nan"), "", "", float("nan"), "", False, f"failed: {exc}")
+            )
     text = table.render()
     print(f"\nall benchmarks in {time.time() - t0:.0f}s\n\n{text}")
     if args.markdown:

@@ -59,9 +59,11 @@ async def main() -> None:
             print(json.dumps(stats), flush=True)
     # Every sample must reach the broker before we leave: paho resends after reconnects.
     deadline = loop.time() + DRAIN_TIMEOUT_S
-    while not task.done() and (
-        fleet.unacked() or fleet.stats.connected < len(fleet.nodes)
-    ) and loop.time() < deadline:
+    while (
+        not task.done()
+        and (fleet.unacked() or fleet.stats.connected < len(fleet.nodes))
+        and loop.time() < deadline
+    ):
         await asyncio.sleep(0.1)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

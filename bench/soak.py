@@ -63,7 +63,14 @@ class Sent:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def command_loop(port: int, targets: list[str], key_file: Path, sent: Sent, stop: threading.Event, period_s: float) -> None:
+def command_loop(
+    port: int,
+    targets: list[str],
+    key_file: Path,
+    sent: Sent,
+    stop: threading.Event,
+    period_s: float,
+) -> None:
     """Publish a signed command to a random target every ``period_s``, broker or not."""
     key = load_private_key(key_file)
     rng = random.Random(7)  # noqa: S311 - picks targets
@@ -77,8 +84,13 @@ def command_loop(port: int, targets: list[str], key_file: Path, sent: Sent, stop
         now = utc_now()
         request = sign_command(
             CommandRequest(
-                command_id=str(uuid.uuid4()), node_id=node, command_text=text, timeout_s=30.0,
-                created_at=now, expires_at=now + timedelta(minutes=30), issuer="soak",
+                command_id=str(uuid.uuid4()),
+                node_id=node,
+                command_text=text,
+                timeout_s=30.0,
+                created_at=now,
+                expires_at=now + timedelta(minutes=30),
+                issuer="soak",
             ),
             key,
         )
@@ -93,8 +105,12 @@ def command_loop(port: int, targets: list[str], key_file: Path, sent: Sent, stop
 
 
 def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=600.0, help="seconds of faults and traffic")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=600.0, help="seconds of faults and traffic"
+    )
     parser.add_argument("--nodes", type=int, default=500, help="simulated nodes")
     parser.add_argument("--agents", type=int, default=2, help="real mqfleet agent processes")
     parser.add_argument("--interval", type=float, default=5.0, help="metrics interval (s)")
@@ -111,15 +127,33 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
         collector = start_collector(b, url, work)
         sim = start(
             "sim",
-            [PYTHON, SIMPROC, "--broker", b.url, "--nodes", str(args.nodes), "--interval",
-             str(args.interval), "--ledger", str(work / "ledger.json"), "--keepalive", "10"],
-            work, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [
+                PYTHON,
+                SIMPROC,
+                "--broker",
+                b.url,
+                "--nodes",
+                str(args.nodes),
+                "--interval",
+                str(args.interval),
+                "--ledger",
+                str(work / "ledger.json"),
+                "--keepalive",
+                "10",
+            ],
+            work,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         agent_ids = [f"soak-agent-{i}" for i in range(1, args.agents + 1)]
         agents = [
             start(
-                node, mqfleet_argv(b.url, None, "agent", "--node-id", node, "--interval", f"{args.interval}s"),
-                work, env={"MQFLEET_STATE_DIR": str(work / node), "MQFLEET_KEEPALIVE_S": "10", **keys},
+                node,
+                mqfleet_argv(
+                    b.url, None, "agent", "--node-id", node, "--interval", f"{args.interval}s"
+                ),
+                work,
+                env={"MQFLEET_STATE_DIR": str(work / node), "MQFLEET_KEEPALIVE_S": "10", **keys},
             )
             for node in agent_ids
         ]
@@ -134,15 +168,29 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
         targets = sim_ids + agent_ids * max(1, args.nodes // 20)  # agents get a fair share
         sender = threading.Thread(
             target=command_loop,
-            args=(b.port, targets, Path(keys["MQFLEET_OPERATOR_PRIVATE_KEY_FILE"]), sent, stop, 0.2),
+            args=(
+                b.port,
+                targets,
+                Path(keys["MQFLEET_OPERATOR_PRIVATE_KEY_FILE"]),
+                sent,
+                stop,
+                0.2,
+            ),
             daemon=True,
         )
         sender.start()
 
         d = args.duration
         faults = sorted(
-            [(0.15 * d, "drop"), (0.25 * d, "broker"), (0.4 * d, "drop"), (0.45 * d, "kill"),
-             (0.6 * d, "drop"), (0.7 * d, "kill"), (0.85 * d, "drop")]
+            [
+                (0.15 * d, "drop"),
+                (0.25 * d, "broker"),
+                (0.4 * d, "drop"),
+                (0.45 * d, "kill"),
+                (0.6 * d, "drop"),
+                (0.7 * d, "kill"),
+                (0.85 * d, "drop"),
+            ]
         )
         t0 = time.monotonic()
         for at, fault in faults:
@@ -174,7 +222,9 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
             "and issuer='soak'"
         )
         try:
-            wait_for(lambda: scalar(url, terminal_q) == len(expected), 180, "terminal commands", 1.0)
+            wait_for(
+                lambda: scalar(url, terminal_q) == len(expected), 180, "terminal commands", 1.0
+            )
         except TimeoutError as exc:
             problems.append(str(exc))
         # Every node is shown online while it runs.
@@ -190,7 +240,9 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
             agent.stop()
         ledger = json.loads((work / "ledger.json").read_text())
         want = sum(n for s in ledger["sessions"].values() for n in s.values())
-        sim_stored = lambda: int(scalar(url, "select count(*) from node_metrics where node_id like 'sim-%'") or 0)  # noqa: E731
+        sim_stored = lambda: int(
+            scalar(url, "select count(*) from node_metrics where node_id like 'sim-%'") or 0
+        )
         try:
             wait_for(lambda: sim_stored() >= want, 180, "every simulated sample stored", 1.0)
         except TimeoutError:
@@ -207,37 +259,51 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
         with engine.connect() as conn:
             groups = {
                 (r[0], int(r[1])): (r[2], r[3], r[4], r[5])
-                for r in conn.execute(sa.text(
-                    "select node_id, session, count(*), count(distinct seq), min(seq), max(seq) "
-                    "from node_metrics group by node_id, session"
-                ))
+                for r in conn.execute(
+                    sa.text(
+                        "select node_id, session, count(*), count(distinct seq), min(seq), max(seq) "
+                        "from node_metrics group by node_id, session"
+                    )
+                )
             }
             commands = {
-                r[0]: (r[1], r[2]) for r in conn.execute(sa.text(
-                    "select command_id, target_node_id, status from commands where issuer='soak'"
-                ))
+                r[0]: (r[1], r[2])
+                for r in conn.execute(
+                    sa.text(
+                        "select command_id, target_node_id, status from commands where issuer='soak'"
+                    )
+                )
             }
             results = {}
-            for r in conn.execute(sa.text(
-                "select r.command_id, count(*), max(r.exit_code), max(r.stdout) from command_results r "
-                "join commands c on c.command_id = r.command_id where c.issuer='soak' group by r.command_id"
-            )):
+            for r in conn.execute(
+                sa.text(
+                    "select r.command_id, count(*), max(r.exit_code), max(r.stdout) from command_results r "
+                    "join commands c on c.command_id = r.command_id where c.issuer='soak' group by r.command_id"
+                )
+            ):
                 results[r[0]] = (r[1], r[2], r[3])
             statuses = dict(conn.execute(sa.text("select node_id, status from nodes")).all())
         engine.dispose()
 
     # Metrics of simulated nodes: exactly the ledger, seq 0..n-1 once each per session.
     ledger_groups = {
-        (node, int(s)): n for node, sessions in ledger["sessions"].items() for s, n in sessions.items() if n
+        (node, int(s)): n
+        for node, sessions in ledger["sessions"].items()
+        for s, n in sessions.items()
+        if n
     }
     bad_groups = [k for k, n in ledger_groups.items() if groups.get(k) != (n, n, 0, n - 1)]
     extra = [k for k in groups if k[0].startswith("sim-") and k not in ledger_groups]
     stored_sim = sum(v[0] for k, v in groups.items() if k[0].startswith("sim-"))
     if bad_groups or extra:
-        problems.append(f"{len(bad_groups)} simulated (node, session) groups differ from the ledger, {len(extra)} unknown; e.g. {bad_groups[:3]}")
+        problems.append(
+            f"{len(bad_groups)} simulated (node, session) groups differ from the ledger, {len(extra)} unknown; e.g. {bad_groups[:3]}"
+        )
     # Metrics of real agents: every session's seq contiguous from 0, none twice.
     agent_groups = {k: v for k, v in groups.items() if k[0] in agent_ids}
-    gaps = [k for k, (c, dc, lo, hi) in agent_groups.items() if not (c == dc == hi - lo + 1 and lo == 0)]
+    gaps = [
+        k for k, (c, dc, lo, hi) in agent_groups.items() if not (c == dc == hi - lo + 1 and lo == 0)
+    ]
     if gaps:
         problems.append(f"{len(gaps)} agent sessions with missing or repeated samples: {gaps[:3]}")
     stored_agents = sum(v[0] for v in agent_groups.values())
@@ -245,10 +311,19 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
     wrong = []
     for cid, (node, status, code, out) in expected.items():
         row, res = commands.get(cid), results.get(cid)
-        if row is None or res is None or row != (node, status) or res[0] != 1 or res[1] != code or (res[2] or "") != out:
+        if (
+            row is None
+            or res is None
+            or row != (node, status)
+            or res[0] != 1
+            or res[1] != code
+            or (res[2] or "") != out
+        ):
             wrong.append((cid, row, res))
     if wrong:
-        problems.append(f"{len(wrong)} commands without exactly one right terminal result, e.g. {wrong[:2]}")
+        problems.append(
+            f"{len(wrong)} commands without exactly one right terminal result, e.g. {wrong[:2]}"
+        )
     not_offline = [n for n, s in statuses.items() if s != "offline"]
     if not_offline:
         problems.append(f"{len(not_offline)} nodes not offline after the stop: {not_offline[:5]}")
