@@ -106,7 +106,7 @@ WILL_REASON: Final = REASON_CONNECTION_LOST
 SHUTDOWN_REASON: Final = REASON_SHUTDOWN
 EXPIRED_BEFORE_DELIVERY: Final = ERROR_EXPIRED_BEFORE_DELIVERY
 OS_INFO: Final = "Linux (simulated by mqfleet simulate)"
-#: Accepted command ids are forgotten this long after they expired.
+#: Past this many remembered command ids, the expired ones are forgotten.
 _ACCEPTED_PRUNE_AT: Final = 4096
 
 
