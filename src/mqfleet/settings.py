@@ -207,6 +207,11 @@ class Settings(BaseSettings):
 
     # -- collector ------------------------------------------------------------------
     collector_id: str = Field(default=DEFAULT_COLLECTOR_ID, description="fixed MQTT client id")
+    collector_group: str = Field(
+        default="",
+        max_length=64,
+        description="MQTT 5 shared-subscription group for metrics and results; empty: none",
+    )
     retention_days: float = Field(default=30.0, gt=0, description="metrics older are pruned")
     batch_size: int = Field(default=2000, ge=1, description="rows per transaction at most")
     flush_interval_s: float = Field(default=0.5, gt=0, le=1.0, description="max batch delay")
@@ -221,6 +226,15 @@ class Settings(BaseSettings):
             except re.error as exc:
                 msg = f"entry {index} ({pattern[:80]!r}) is not a regular expression: {exc}"
                 raise ValueError(msg) from None
+        return value
+
+    @field_validator("collector_group")
+    @classmethod
+    def _group_is_a_topic_level(cls, value: str) -> str:
+        # It becomes one topic level of "$share/<group>/...": MQTT 5 spec 4.8.2.
+        if any(c in value for c in "/+#\0"):
+            msg = f"{value[:80]!r} must not contain '/', '+', '#' or NUL (one topic level)"
+            raise ValueError(msg)
         return value
 
     @field_validator("broker_url")

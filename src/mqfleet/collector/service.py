@@ -37,11 +37,12 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy.exc import SQLAlchemyError
 
 from mqfleet.collector.writer import BatchOutcome, Inbound, StoreWriter
-from mqfleet.errors import AuthenticationError, MqfleetError, StoreError
+from mqfleet.errors import AuthenticationError, MqfleetError, ProtocolError, StoreError
 from mqfleet.protocol import (
     REASON_CONNECTION_LOST,
     REASON_SHUTDOWN,
     CollectorStatus,
+    decode_collector_status,
     encode,
     utc_now,
 )
@@ -140,6 +141,7 @@ class Collector:
         self._expiry_check_s = expiry_check_s
         self._retention_check_s = retention_check_s
         self._topics = settings.topics
+        self._collector_status_topic = self._topics.collector_status()
         # Shared with paho's network thread, guarded by _lock.
         self._lock = threading.Lock()
         self._buffer: list[Inbound] = []
@@ -273,31 +275,52 @@ class Collector:
         with self._lock:
             self._generation += 1
         self._listening_since = utc_now()
-        topics = self._topics
-        filters = [
-            topics.all_status(),
-            topics.all_metrics(),
-            topics.all_commands(),
-            topics.all_results(),
-        ]
         # Subscribe on every connect: after a broker restart without persistence the
         # session (and its subscriptions) may be gone although we asked to keep it.
-        if self.settings.mqtt_version == "5":
-            client.subscribe(
-                [
-                    # noLocal: our own republished commands need not come back to us.
-                    (f, SubscribeOptions(qos=1, noLocal=f == topics.all_commands()))
-                    for f in filters
-                ]
-            )
-        else:
-            client.subscribe([(f, 1) for f in filters])
+        client.subscribe(self._subscriptions())
+        group = self.settings.collector_group
+        if group:
+            # A session that once ran without a group still holds the plain filters:
+            # drop them, or this collector would get every message twice.
+            topics = self._topics
+            client.unsubscribe([topics.all_metrics(), topics.all_results()])
         client.publish(
-            topics.collector_status(), self._status_payload("online"), qos=1, retain=True
+            self._topics.collector_status(), self._status_payload("online"), qos=1, retain=True
         )
         log.info(
-            "connected to %s (session present: %s)", self.settings.broker, flags.session_present
+            "connected to %s (session present: %s%s)",
+            self.settings.broker,
+            flags.session_present,
+            f", shared-subscription group {group!r}" if group else "",
         )
+
+    def _subscriptions(self) -> list[tuple[str, SubscribeOptions]] | list[tuple[str, int]]:
+        """List the filters to subscribe to: shared ones for metrics and results in a group.
+
+        Metrics and results are stored once whichever collector gets them, so a group
+        shares them out (MQTT 5 spec 4.8.2). Status stays a normal subscription: brokers
+        never send retained messages to shared subscriptions (4.8.2), and every
+        collector's status writes are conditional on the session, so all may apply it.
+        Commands stay normal too (recording is an idempotent insert) because noLocal is
+        a protocol error on a shared subscription (3.8.3.1). The collector status is
+        watched at QoS 0 (nothing to acknowledge) to answer another collector's Will.
+        """
+        topics = self._topics
+        group = self.settings.collector_group
+        shared = [topics.all_metrics(), topics.all_results()]
+        if group:
+            shared = [topics.shared(group, f) for f in shared]
+        if self.settings.mqtt_version != "5":
+            return [(f, 1) for f in [topics.all_status(), *shared, topics.all_commands()]] + [
+                (topics.collector_status(), 0)
+            ]
+        return [
+            (topics.all_status(), SubscribeOptions(qos=1)),
+            *[(f, SubscribeOptions(qos=1)) for f in shared],
+            # noLocal: our own republished commands need not come back to us.
+            (topics.all_commands(), SubscribeOptions(qos=1, noLocal=True)),
+            (topics.collector_status(), SubscribeOptions(qos=0, noLocal=True)),
+        ]
 
     def _on_disconnect(
         self,
@@ -341,6 +364,9 @@ class Collector:
         except UnicodeDecodeError:
             topic = None
         payload = message.payload
+        if topic == self._collector_status_topic:
+            self._answer_collector_status(bytes(payload))
+            return
         item = Inbound(
             topic,
             payload if isinstance(payload, bytes) else bytes(payload),
@@ -356,6 +382,27 @@ class Collector:
             self._writer_idle = False
         if wake and self._loop is not None:
             self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def _answer_collector_status(self, payload: bytes) -> None:
+        """Say "online" again when another collector's Will says "offline".
+
+        Collectors share one retained status topic; with several running, the Will of
+        one that died must not tell the CLI that nothing records the fleet.
+        """
+        try:
+            status = decode_collector_status(payload)
+        except ProtocolError:
+            return  # not ours to judge: the CLI warns about malformed ones
+        client = self._client
+        if (
+            status.status == "offline"
+            and status.collector_id != self.settings.collector_id[:128]
+            and client is not None
+            and not self._stopping
+        ):
+            client.publish(
+                self._collector_status_topic, self._status_payload("online"), qos=1, retain=True
+            )
 
     def _raise_fatal(self, err: MqfleetError) -> None:
         loop, fatal = self._loop, self._fatal

@@ -4,6 +4,12 @@ Everything here is synchronous and runs on the collector's single database threa
 the writer, the staleness check, command expiry and retention never race each other
 for a row (and SQLite never sees two writers of ours at once).
 
+Several collectors may share one PostgreSQL database (docs/SCALING.md). Every write that
+moves a state is therefore conditional in its own WHERE clause (session, command status,
+heartbeat), which PostgreSQL re-checks after waiting for a concurrent transaction's row
+lock: of two collectors applying the same change, exactly one wins, and only the winner
+redelivers, expires or reports. SQLite supports one collector.
+
 Every write is idempotent: a batch that is retried after a transient error, or a QoS 1
 message the broker delivers twice, never creates a second row or moves a state back.
 """
@@ -14,7 +20,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -313,7 +319,7 @@ class StoreWriter:
             values = {k: v for k, v in known.items() if v is not None}
             values.setdefault("hostname", report.node_id)
             values.setdefault("ip_address", UNKNOWN_IP)
-            conn.execute(
+            inserted = conn.execute(
                 self._insert_node.values(
                     node_id=report.node_id,
                     status=report.status,
@@ -325,8 +331,18 @@ class StoreWriter:
                     **values,
                 )
             )
-            log.info("node %s registered (%s)", report.node_id, report.status)
-            return
+            if inserted.rowcount:
+                log.info("node %s registered (%s)", report.node_id, report.status)
+                return
+            # Another collector registered it a moment ago (from this birth or from a
+            # metric that reached it first): apply this status over its row.
+            row = conn.execute(
+                sa.select(_NODES.c.session, _NODES.c.status, _NODES.c.status_reason).where(
+                    _NODES.c.node_id == report.node_id
+                )
+            ).first()
+            if row is None:  # deleted meanwhile: nothing to update
+                return
         if report.session < row.session:
             # The classic race: an old connection's Will arrives after the new birth.
             log.debug("ignored stale %s status of %s", report.status, report.node_id)
@@ -343,7 +359,7 @@ class StoreWriter:
             # not a sign of life, so it must not revive a node that went silent.
             return
         values = {k: v for k, v in known.items() if v is not None}
-        conn.execute(
+        update = (
             sa.update(_NODES)
             .where(_NODES.c.node_id == report.node_id)
             .values(
@@ -354,11 +370,25 @@ class StoreWriter:
                 **values,
             )
         )
+        # Conditional on the session the row holds *now*, not when we read it: several
+        # collectors apply every status, and PostgreSQL re-checks the WHERE clause of an
+        # UPDATE that waited for another transaction's row lock. So an older session
+        # never overwrites a newer one, and exactly one collector advances a session
+        # (and so redelivers the node's pending commands once).
+        advanced = report.session > row.session
+        if advanced:
+            advanced = bool(conn.execute(update.where(_NODES.c.session < report.session)).rowcount)
+        if (
+            not advanced
+            and not conn.execute(update.where(_NODES.c.session == report.session)).rowcount
+        ):
+            log.debug("ignored stale %s status of %s", report.status, report.node_id)
+            return
         if not item.retain:
             heartbeats[report.node_id] = max(
                 item.received_at, heartbeats.get(report.node_id, item.received_at)
             )
-        if report.status == "online" and report.session > row.session:
+        if report.status == "online" and advanced:
             outcome.redeliveries.extend(self._pending_commands(conn, report.node_id, now))
 
     def _write_metrics(
@@ -529,12 +559,11 @@ class StoreWriter:
                 _COMMANDS.c.command_id == report.command_id
             )
         ).first()
-        finished = isinstance(report, CommandFinished)
         completed_at = report.completed_at if isinstance(report, CommandFinished) else None
         if row is None:
             # The result overtook its command: record what we know; the command
             # message fills in the rest without moving the status back.
-            conn.execute(
+            inserted = conn.execute(
                 self._insert_command.values(
                     command_id=report.command_id,
                     command_text="",
@@ -545,23 +574,14 @@ class StoreWriter:
                     completed_at=completed_at,
                 )
             )
-        elif row.status not in COMMAND_TERMINAL_STATUSES and (finished or row.status == "pending"):
-            conn.execute(
-                sa.update(_COMMANDS)
-                .where(_COMMANDS.c.command_id == report.command_id)
-                .values(
-                    status=report.status,
-                    started_at=report.started_at or row.started_at,
-                    completed_at=completed_at,
-                )
-            )
-        elif row.started_at is None and report.started_at is not None:
-            # Forward only: a late "running" may still tell us when it started.
-            conn.execute(
-                sa.update(_COMMANDS)
-                .where(_COMMANDS.c.command_id == report.command_id)
-                .values(started_at=report.started_at)
-            )
+            if not inserted.rowcount:  # another collector recorded it a moment ago
+                row = conn.execute(
+                    sa.select(_COMMANDS.c.status, _COMMANDS.c.started_at).where(
+                        _COMMANDS.c.command_id == report.command_id
+                    )
+                ).first()
+        if row is not None:
+            self._advance_command(conn, report, row, completed_at)
         if isinstance(report, CommandFinished):
             conn.execute(
                 self._insert_result.values(
@@ -577,6 +597,42 @@ class StoreWriter:
                 )
             )
 
+    def _advance_command(
+        self,
+        conn: Connection,
+        report: CommandStarted | CommandFinished,
+        row: sa.Row[Any, Any],
+        completed_at: datetime | None,
+    ) -> None:
+        # Forward only (pending -> running -> terminal), and re-checked by the UPDATE
+        # itself: with several collectors, a "running" and the final result of one
+        # command may be written at the same moment by two of them.
+        if row.status not in COMMAND_TERMINAL_STATUSES and (
+            isinstance(report, CommandFinished) or row.status == "pending"
+        ):
+            moved = sa.update(_COMMANDS).where(_COMMANDS.c.command_id == report.command_id)
+            moved = moved.where(_COMMANDS.c.status.not_in(COMMAND_TERMINAL_STATUSES))
+            if not isinstance(report, CommandFinished):
+                moved = moved.where(_COMMANDS.c.status == "pending")
+            conn.execute(
+                moved.values(
+                    status=report.status,
+                    # None keeps what the row has (the column itself).
+                    started_at=_COMMANDS.c.started_at
+                    if report.started_at is None
+                    else report.started_at,
+                    completed_at=completed_at,
+                )
+            )
+        elif row.started_at is None and report.started_at is not None:
+            # A late "running" may still tell us when it started.
+            conn.execute(
+                sa.update(_COMMANDS)
+                .where(_COMMANDS.c.command_id == report.command_id)
+                .where(_COMMANDS.c.started_at.is_(None))
+                .values(started_at=report.started_at)
+            )
+
     # -- periodic work --------------------------------------------------------------
     def mark_stale(self, now: datetime, listening_since: datetime) -> list[str]:
         """Mark online/error nodes silent for 3 x their interval offline; return their ids.
@@ -590,38 +646,48 @@ class StoreWriter:
                     _NODES.c.status.in_(_LIVE_STATUSES)
                 )
             ).all()
-            stale = []
+            candidates = []
             for row in rows:
                 seen = max(row.last_heartbeat or listening_since, listening_since)
                 limit = SILENCE_INTERVALS * (row.interval_s or self._default_interval_s)
                 if (now - seen).total_seconds() > limit:
-                    stale.append(row.node_id)
-            if stale:
-                conn.execute(
+                    candidates.append(row)
+            stale = []
+            for row in candidates:
+                # Only if nothing moved since we looked: another collector may have
+                # stored a fresh heartbeat, or marked it already (then it reports it).
+                heard = (
+                    _NODES.c.last_heartbeat.is_(None)
+                    if row.last_heartbeat is None
+                    else _NODES.c.last_heartbeat == row.last_heartbeat
+                )
+                marked = conn.execute(
                     sa.update(_NODES)
-                    .where(_NODES.c.node_id.in_(stale))
+                    .where(_NODES.c.node_id == row.node_id)
                     .where(_NODES.c.status.in_(_LIVE_STATUSES))
+                    .where(heard)
                     .values(status="offline", status_reason=HEARTBEAT_TIMEOUT, updated_at=now)
                 )
+                if marked.rowcount:
+                    stale.append(row.node_id)
         return stale
 
     def expire_commands(self, now: datetime) -> list[str]:
         """Time out commands still pending at their ``expires_at``; return their ids."""
         with self._engine.begin() as conn:
+            # UPDATE ... RETURNING (PostgreSQL; SQLite >= 3.35): only the rows this
+            # transaction moved come back, so of several collectors exactly one expires
+            # a command and writes its result.
             expired = list(
                 conn.scalars(
-                    sa.select(_COMMANDS.c.command_id)
+                    sa.update(_COMMANDS)
                     .where(_COMMANDS.c.status == "pending")
                     .where(_COMMANDS.c.expires_at <= now)
+                    .values(status="timeout", completed_at=now)
+                    .returning(_COMMANDS.c.command_id)
                 )
             )
             if expired:
-                conn.execute(
-                    sa.update(_COMMANDS)
-                    .where(_COMMANDS.c.command_id.in_(expired))
-                    .where(_COMMANDS.c.status == "pending")
-                    .values(status="timeout", completed_at=now)
-                )
                 conn.execute(
                     self._insert_result,
                     [

@@ -110,6 +110,14 @@ class Topics:
         """Filter matching every command result of every node."""
         return f"{self.prefix}/nodes/+/results/+"
 
+    @staticmethod
+    def shared(group: str, topic_filter: str) -> str:
+        """MQTT 5 shared subscription: each message goes to one member of ``group``."""
+        # MQTT 5 spec 4.8.2: "$share/{ShareName}/{filter}"; the name is one topic level.
+        if not group or any(c in group for c in "/+#\0"):
+            raise ProtocolError(f"invalid shared-subscription group {group[:80]!r}")
+        return f"$share/{group}/{topic_filter}"
+
     def node_results(self, node_id: str) -> str:
         """Filter matching every command result of one node."""
         return f"{self.prefix}/nodes/{validate_node_id(node_id)}/results/+"
