@@ -63,6 +63,7 @@ class CliState:
     database_url: str | None = None
     topic_prefix: str | None = None
     verbose: bool = False
+    mqtt_version: str | None = None
     _cache: dict[str, Settings] = field(default_factory=dict, repr=False)
 
     def settings(self, *, local_fleet: bool = True, **flags: Any) -> Settings:  # noqa: ANN401 - Settings field values
@@ -79,6 +80,7 @@ class CliState:
             broker_url=self.broker_url,
             database_url=self.database_url,
             topic_prefix=self.topic_prefix,
+            mqtt_version=self.mqtt_version,
             **flags,
         )
 
@@ -91,6 +93,8 @@ class CliState:
             args += ["--database", self.database_url]
         if self.topic_prefix is not None:
             args += ["--prefix", self.topic_prefix]
+        if self.mqtt_version is not None:
+            args += ["--mqtt-version", self.mqtt_version]
         if self.verbose:
             args.append("--verbose")
         return args
@@ -173,6 +177,11 @@ class MqfleetGroup(click.Group):
 @click.option("--broker", "broker_url", metavar="URL", help="mqtt[s]://[user:pass@]host:port")
 @click.option("--database", "database_url", metavar="URL", help="SQLAlchemy database URL.")
 @click.option("--prefix", "topic_prefix", metavar="PREFIX", help="Topic prefix (fleet/v1).")
+@click.option(
+    "--mqtt-version",
+    type=click.Choice(["5", "3.1.1"]),
+    help="MQTT protocol version (5; 3.1.1 for brokers without MQTT 5).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks for bugs.")
 @click.version_option(__version__, "--version", prog_name="mqfleet")
 @click.pass_context
@@ -183,6 +192,7 @@ def cli(
     database_url: str | None,
     topic_prefix: str | None,
     *,
+    mqtt_version: str | None,
     verbose: bool,
 ) -> None:
     """Manage a fleet of Linux servers over MQTT.
@@ -193,7 +203,9 @@ def cli(
     global _verbose  # noqa: PLW0603 - see MqfleetGroup.main
     _verbose = verbose
     configure_logging(verbose=verbose)
-    ctx.obj = CliState(config_file, broker_url, database_url, topic_prefix, verbose)
+    ctx.obj = CliState(
+        config_file, broker_url, database_url, topic_prefix, verbose, mqtt_version=mqtt_version
+    )
 
 
 pass_state = click.make_pass_decorator(CliState)

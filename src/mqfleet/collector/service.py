@@ -37,7 +37,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy.exc import SQLAlchemyError
 
 from mqfleet.collector.writer import BatchOutcome, Inbound, StoreWriter
-from mqfleet.errors import AuthenticationError, MqfleetError, ProtocolError, StoreError
+from mqfleet.errors import (
+    AuthenticationError,
+    ConfigError,
+    MqfleetError,
+    ProtocolError,
+    StoreError,
+)
 from mqfleet.protocol import (
     REASON_CONNECTION_LOST,
     REASON_SHUTDOWN,
@@ -81,6 +87,8 @@ DEFAULT_EXPIRY_CHECK_S: Final = 1.0
 DEFAULT_RETENTION_CHECK_S: Final = 3600.0
 #: How long a busy writer waits for its next batch to fill (bounded by flush_interval_s).
 BATCH_LINGER_S: Final = 0.05
+#: CONNACK reason code 132 (MQTT 5 spec 3.2.2.2); paho maps 3.1.1's return code 1 to it.
+UNSUPPORTED_PROTOCOL_VERSION: Final = 132
 #: Time allowed at shutdown for the last commit and the offline status.
 SHUTDOWN_TIMEOUT_S: Final = 10.0
 
@@ -163,6 +171,13 @@ class Collector:
     # -- entry point ----------------------------------------------------------------
     async def run(self) -> None:
         """Run until cancelled; then flush, ack, publish offline and disconnect."""
+        if self.settings.collector_group and self.settings.mqtt_version != "5":
+            # MQTT 3.1.1 has no shared subscriptions: a broker may take "$share/..." for
+            # a plain topic nobody publishes on, and the group would silently hear nothing.
+            raise ConfigError(
+                "collector_group needs mqtt_version 5 (shared subscriptions are MQTT 5); "
+                "on MQTT 3.1.1 run a single collector"
+            )
         self._loop = asyncio.get_running_loop()
         self._fatal = self._loop.create_future()
         try:
@@ -266,6 +281,17 @@ class Collector:
                 self._stopping = True  # what follows is not a lost connection
                 client.disconnect()  # stop paho from retrying with the same credentials
                 self._raise_fatal(err)
+            elif reason_code.value == UNSUPPORTED_PROTOCOL_VERSION:
+                # A 3.1.1-only broker (nats-server, older RabbitMQ): retrying cannot help.
+                self._stopping = True
+                client.disconnect()
+                self._raise_fatal(
+                    ConfigError(
+                        f"broker {self.settings.broker} does not speak MQTT "
+                        f'{self.settings.mqtt_version}: set mqtt_version = "3.1.1" '
+                        "(--mqtt-version 3.1.1)"
+                    )
+                )
             else:
                 log.warning(
                     "broker %s refused the connection: %s", self.settings.broker, reason_code
@@ -632,6 +658,8 @@ async def run_collector(settings: Settings) -> None:
     """Run the collector until cancelled; then flush, publish offline and disconnect.
 
     Raises :class:`StoreError` when the database cannot be reached or migrated at
-    start-up, and :class:`AuthenticationError` when the broker refuses the credentials.
+    start-up, :class:`AuthenticationError` when the broker refuses the credentials, and
+    :class:`ConfigError` when the broker does not speak the configured MQTT version or
+    ``collector_group`` is set on MQTT 3.1.1.
     """
     await Collector(settings).run()
