@@ -17,6 +17,10 @@ ARG UID=10001
 # Data (SQLite database, agent state) lives under /var/lib/mqfleet: mount a volume there.
 RUN useradd --system --uid "${UID}" --user-group --home-dir /var/lib/mqfleet \
         --create-home --shell /usr/sbin/nologin mqfleet
+# Mount points for compose.yaml's operator-key (0700: the private key) and operator-pub
+# volumes: a fresh named volume takes the owner and mode of the directory it covers.
+RUN install -d -o mqfleet -g mqfleet -m 0700 /etc/mqfleet/key \
+    && install -d -o mqfleet -g mqfleet -m 0755 /etc/mqfleet/pub
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels 'mqfleet[postgres]'
 ENV XDG_DATA_HOME=/var/lib/mqfleet \
