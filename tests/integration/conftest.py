@@ -364,6 +364,15 @@ class Fleet:
                 info.wait_for_publish(DEADLINE_S)
                 assert info.rc == 0
 
+    def retained_status(self, node_id: str) -> StatusReport:
+        """What a newcomer sees on the node's status topic: the retained message."""
+        retained: list[bytes] = []
+        with self.raw_client(OPERATOR_ACCOUNT) as client:
+            client.on_message = lambda _c, _u, msg: retained.append(bytes(msg.payload))
+            client.subscribe(TOPICS.status(node_id), qos=1)
+            wait_for(lambda: retained, f"the retained status of {node_id}")
+        return decode_status(retained[0])
+
     # -- database -------------------------------------------------------------------
     @property
     def db(self) -> sa.Engine:

@@ -68,6 +68,26 @@ def test_run_all_over_20_agents(fleet: Fleet) -> None:
         ("fleet-07", "failed", 1)
     ]
     assert document["summary"]["success"] == FLEET_SIZE - 1
+
+    # --match picks nodes by glob.
+    result = fleet.cli("run", "--match", "fleet-1*", "--json", "--", "true")
+    assert result.exit_code == 0, result.stderr
+    matched = sorted(t["node_id"] for t in json.loads(result.stdout)["results"])
+    assert matched == [f"fleet-{i}" for i in range(10, 20)]
+
+    # One node away: no failure, so exit 4; its command runs when it is back.
+    away = agents.pop()
+    assert away.stop() == 0
+    wait_for(lambda: fleet.node(node_ids[-1]).status == "offline", "one node offline")  # type: ignore[union-attr]
+    result = fleet.cli("run", "--all", "--json", "--", 'echo "$MQFLEET_NODE_ID"')
+    assert result.exit_code == 4, result.stderr
+    document = json.loads(result.stdout)
+    assert (document["summary"]["success"], document["summary"]["queued"]) == (FLEET_SIZE - 1, 1)
+    (queued,) = [t for t in document["results"] if t["status"] == "queued"]
+    assert queued["node_id"] == node_ids[-1]
+    agents.append(fleet.start_agent(node_ids[-1]))
+    row = fleet.wait_command(queued["command_id"], "success")
+    assert row.stdout == f"{node_ids[-1]}\n"
     assert all(agent.running() for agent in agents), fleet.diagnose()
 
 

@@ -83,6 +83,9 @@ def test_kill_9_and_a_hung_agent_go_offline_and_a_quick_restart_stays_online(
         assert (node.status, node.session) == ("online", fourth.session), node
         time.sleep(0.1)
     assert agent.running(), agent.tail()
+    # Third-party MQTT clients see the truth too: the retained status is the new birth.
+    retained = fleet.retained_status("db-1")
+    assert (retained.status, retained.session) == ("online", fourth.session)
 
 
 def test_birth_registers_the_node_and_duplicates_and_cli_json_match_the_database(
@@ -288,3 +291,23 @@ def test_garbage_on_every_topic_leaves_the_collector_storing_good_messages(
     log = collector.log()
     for _account, topic in targets[:-1]:
         assert f"skipped message on {topic}" in log, topic
+
+
+def test_a_node_that_dies_while_the_broker_is_down_times_out(fleet: Fleet) -> None:
+    # No Will can tell: the broker crashes (kill -9: it publishes no Will and saves no
+    # state), and the agent dies before it is back. Only the collector's heartbeat check
+    # (3 x the node's interval of silence) can.
+    fleet.start_collector()
+    agent = fleet.start_agent("hb-1", interval="1s")
+    node = fleet.wait_online("hb-1")
+    fleet.broker.broker.kill()
+    agent.kill()
+    fleet.broker.broker.start()
+
+    def timed_out() -> sa.Row[Any] | None:
+        row = fleet.node("hb-1")
+        return row if row is not None and row.status == "offline" else None
+
+    row = wait_for(timed_out, "hb-1 offline after its silence", diagnose=fleet.diagnose)
+    assert (row.status_reason, row.session) == ("heartbeat timeout", node.session)
+    assert fleet.cli_json("nodes", "--status", "offline")["nodes"][0]["node_id"] == "hb-1"
