@@ -473,3 +473,56 @@ def test_exposed_config_and_writable_key_files_are_warned_about(
     settings.operator_public_key_file.chmod(0o644)
     warn_about_exposed_files(settings)
     assert caplog.text == ""
+
+
+async def test_running_is_fsynced_before_the_spawn_and_is_the_only_fsync(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The durability choice of agent.commands: one fsync'd write per command ("running",
+    # before the shell starts); the rest survive an agent crash without fsync.
+    ran = tmp_path / "ran"
+    seen_at_fsync: list[bool] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (seen_at_fsync.append(ran.exists()), real_fsync(fd))[1]
+    )
+    service, publish = await started(settings), FakePublisher()
+    async with serving(service, publish):
+        service.accept(command("c-1", f"touch {ran}"))
+        await wait_until(lambda: publish.final("c-1"))
+    assert publish.statuses() == [("c-1", "running"), ("c-1", "success")]
+    assert seen_at_fsync == [False, False]  # the journal file and its directory
+
+
+async def test_done_is_journaled_only_once_the_final_result_is_acknowledged(
+    settings: Settings,
+) -> None:
+    service = await started(settings)
+    journal = service._journal
+    assert journal is not None
+    async with serving(service):  # no broker: the results wait in the outbox
+        service.accept(command("c-1", "true"))
+        await wait_until(lambda: len(service._outbox or ()) == 2)
+        await asyncio.sleep(0.1)
+        entry = journal.get("c-1")
+        assert entry is not None
+        assert entry.state == "running"
+    publish = FakePublisher()
+    async with serving(service, publish):
+        await wait_until(lambda: publish.final("c-1"))
+        await wait_until(lambda: getattr(journal.get("c-1"), "state", None) == "done")
+
+
+async def test_a_restart_sends_a_finished_commands_result_instead_of_agent_restarted(
+    settings: Settings,
+) -> None:
+    first = await started(settings)
+    async with serving(first):  # finished, but the broker never acknowledged the result
+        first.accept(command("c-1", "echo hi"))
+        await wait_until(lambda: len(first._outbox or ()) == 2)
+    second, publish = await started(settings), FakePublisher()
+    async with serving(second, publish):
+        await wait_until(lambda: publish.final("c-1"))
+        await asyncio.sleep(0.2)  # an "agent restarted" report would show up here
+    assert publish.statuses() == [("c-1", "running"), ("c-1", "success")]
+    assert publish.final("c-1").stdout == "hi\n"  # type: ignore[union-attr]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -205,3 +206,37 @@ def test_outbox_skips_an_item_that_vanished(tmp_path: Path) -> None:
     for path in (tmp_path / "outbox").glob("*c-1.json"):
         path.unlink()
     assert drain(outbox) == [("c-2", b"two")]
+
+
+def test_outbox_items_in_flight_are_peeked_past_and_removed_out_of_line(tmp_path: Path) -> None:
+    # Delivery keeps several results on the wire: it asks for the next one after the
+    # last it sent, and a PUBACK may remove an item that is not first in line.
+    outbox = ResultOutbox(tmp_path / "outbox")
+    first = outbox.put("c-1", b"one")
+    second = outbox.put("c-2", b"two")
+    outbox.put("c-3", b"three")
+    assert (first.command_id, first.payload) == ("c-1", b"one")
+    after = outbox.peek_after(first.seq)
+    assert after is not None
+    assert (after.seq, after.payload) == (second.seq, b"two")
+    outbox.remove(after)
+    assert [c for c, _ in drain(outbox)] == ["c-1", "c-3"]
+    assert outbox.peek_after(0) is None
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_writes_fsync_and_the_others_do_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, durable: bool
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    journal = CommandJournal(tmp_path / "journal")
+    outbox = ResultOutbox(tmp_path / "outbox")
+    journal.record(entry("c-1"), durable=durable)
+    outbox.put("c-1", b"one", durable=durable)
+    # File and directory, for each of the two writes; none without durable.
+    assert len(synced) == (4 if durable else 0)
+    # Either way the data is in place for the next process (an agent crash loses nothing).
+    assert "c-1" in CommandJournal(tmp_path / "journal")
+    assert drain(ResultOutbox(tmp_path / "outbox")) == [("c-1", b"one")]

@@ -13,8 +13,8 @@ The life of a command on this node:
    before delivery". None of them ever runs. Refusals of payloads whose signature is
    missing or wrong are not journaled (their id and expiry are attacker-chosen: they
    must neither burn a genuine command's id nor grow the journal) and their reports are
-   rate-limited. Anything else is journaled as ``accepted`` (fsync'd) before it is
-   queued, so nothing runs unrecorded.
+   rate-limited. Anything else is journaled as ``accepted`` before it is queued, so
+   nothing runs unrecorded.
 
    Without ``operator_public_key_file`` every command is refused, unless the
    development switch ``insecure_unsigned_commands`` is on (logged loudly at start-up).
@@ -24,16 +24,46 @@ The life of a command on this node:
    command that expired while it waited for a slot is reported ``timeout`` with error
    "expired before it could start" instead of running late.
 3. Every result goes to the on-disk outbox first; :meth:`CommandService.deliver_loop`
-   publishes the outbox in order and deletes an item only once ``publish`` returned
-   (PUBACK), so a broker outage or an agent crash loses no result. A crash may resend a
-   result; the collector ignores duplicates (a command only moves forward).
+   publishes the outbox in order (a few results in flight at once) and deletes an item
+   only once its ``publish`` returned (PUBACK), so a broker outage or an agent crash
+   loses no result. A crash may resend a result; the collector ignores duplicates (a
+   command only moves forward).
 4. :meth:`CommandService.start` settles what a previous process left: a command journaled
    ``running`` is reported ``failed`` with error "agent restarted" and is never re-run;
    accepted commands that never started are checked again (the trusted key or the
    allowlist may have changed) and queued again, or reported expired or refused.
 
-Journal and outbox writes are small synchronous fsync'd file writes on the event loop:
-they keep ``accept`` synchronous and ordered, at the cost of a few milliseconds each.
+Durability: what survives which failure
+-----------------------------------------
+Journal and outbox writes are small whole-file writes (temporary file, rename; see
+``agent.journal``). Every one of them survives an agent crash (``kill -9``, OOM kill):
+the data is in the kernel's page cache once the rename returns, so exactly-once across
+agent crashes needs no fsync at all. fsync only adds survival of a power loss or kernel
+crash, and costs from under a millisecond on an idle disk to several on a busy one, so
+it is spent only where a power loss could otherwise run a command twice or lose its
+result for good:
+
+- ``running`` is journaled **durably (fsync'd) before the shell is spawned**: after a
+  power loss a command that may have started is reported ``failed`` ("agent restarted")
+  and never re-run. This is the one fsync on a command's critical path. It runs on
+  the event loop, as the spawn right after it does: a worker thread would let a later
+  command's spawn overtake an earlier one's (starts keep arrival order), and the
+  loop has nothing urgent to do in that millisecond.
+- ``accepted`` is not fsync'd. A power loss may forget a command that was accepted but
+  had not started; nothing ran, no result was sent, so the collector still has it
+  ``pending`` and republishes it when the node comes back online: it still runs once.
+- results of commands that ran (``running`` and final) are not fsync'd, and ``done`` is
+  journaled (not fsync'd either) only once the broker acknowledged the final result.
+  So ``done`` never reaches the disk before the result it promises is safe with the
+  broker: a power loss before that leaves ``running`` in the journal, and the next
+  start reports the command ``failed`` ("agent restarted") unless its final result
+  survived in the outbox, which is then sent instead. At worst the collector receives
+  a second final result and ignores it (a command only moves forward).
+- results of commands that never run (refused, expired, cut short by a restart) are
+  fsync'd before ``done`` is journaled: nothing else would report them.
+
+``accept`` stays synchronous and ordered: its one file write takes well under a
+millisecond even without the page cache's help.
 """
 
 from __future__ import annotations
@@ -43,11 +73,13 @@ import logging
 import os
 import re
 import time
+from asyncio import FIRST_COMPLETED
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, Literal
 
 from mqfleet.agent.executor import CommandExecutor, Execution, RunAs
-from mqfleet.agent.journal import CommandJournal, JournalEntry, ResultOutbox
+from mqfleet.agent.journal import CommandJournal, JournalEntry, OutboxItem, ResultOutbox
 from mqfleet.errors import AgentStateError, CommandRefusedError, ConfigError, ProtocolError
 from mqfleet.protocol import (
     ERROR_AGENT_RESTARTED,
@@ -58,6 +90,7 @@ from mqfleet.protocol import (
     CommandRequest,
     CommandStarted,
     decode_command,
+    decode_result,
     encode,
     truncate_for_log,
     utc_now,
@@ -111,6 +144,10 @@ UNAUTHENTICATED_REASONS: Final = frozenset(
 #: flood of forgeries must not turn into a flood of results. The rest are only logged.
 _UNAUTHENTICATED_REPORTS: Final = 30
 _UNAUTHENTICATED_WINDOW_S: Final = 60.0
+#: Results published before waiting for their PUBACKs. MQTT keeps the QoS 1 messages of
+#: one connection in order (MQTT 5 spec 4.6), so the order holds while a command's final
+#: result no longer waits one broker round trip for the PUBACK of its ``running``.
+_DELIVERY_WINDOW: Final = 8
 
 
 def _error_text(text: str) -> str:
@@ -204,6 +241,8 @@ class CommandService:
         )
         self._queue: asyncio.Queue[CommandRequest] = asyncio.Queue()
         self._outbox_ready = asyncio.Event()
+        #: Outbox numbers of final results whose ``done`` is journaled once delivered.
+        self._done_on_delivery: dict[int, JournalEntry] = {}
         self._last_prune = time.monotonic()
         self._unauthenticated_reports = _ReportBudget(
             _UNAUTHENTICATED_REPORTS, _UNAUTHENTICATED_WINDOW_S
@@ -221,8 +260,13 @@ class CommandService:
         self._outbox = ResultOutbox(self._dir / "outbox")
         self._journal = CommandJournal(self._dir / "journal")
         now = utc_now()
+        finals = self._final_results_in_outbox()
         for entry in self._journal.entries():
-            if entry.state == "running":
+            if entry.state == "running" and entry.command_id in finals:
+                # It finished; the crash came before the broker had the result: send that.
+                seq = finals[entry.command_id]
+                self._done_on_delivery[seq] = self._done(entry, started_at=entry.started_at)
+            elif entry.state == "running":
                 log.warning("command %s was running when the agent stopped", entry.command_id)
                 self._report_unstarted(
                     entry, "failed", AGENT_RESTARTED, started_at=entry.started_at
@@ -243,6 +287,20 @@ class CommandService:
         if len(self._outbox):
             self._outbox_ready.set()
 
+    def _final_results_in_outbox(self) -> dict[str, int]:
+        """Map command ids to the outbox number of their undelivered final result."""
+        outbox = self._require_outbox()
+        finals: dict[str, int] = {}
+        item = outbox.peek_after(0)
+        while item is not None:
+            try:
+                if decode_result(item.payload).status != "running":
+                    finals[item.command_id] = item.seq
+            except ProtocolError:
+                pass  # not ours to judge here: delivery discards or sends it as it is
+            item = outbox.peek_after(item.seq)
+        return finals
+
     # -- intake ---------------------------------------------------------------------
     def accept(self, payload: bytes) -> None:
         """Take a payload from this node's commands topic; never raises on bad input."""
@@ -262,8 +320,9 @@ class CommandService:
             except CommandRefusedError as exc:
                 self._refuse(request, exc, now)
             else:
-                # Durable before it can run: from here on a crash cannot make it run twice.
-                journal.record(self._entry(request, now))
+                # Recorded before it can run: from here on a crash cannot make it run twice.
+                # Not fsync'd: see "Durability" in the module docstring.
+                journal.record(self._entry(request, now), durable=False)
                 self._queue.put_nowait(request)
                 log.info("command %s accepted (%d queued)", request.command_id, self._queue.qsize())
         except AgentStateError as exc:
@@ -348,15 +407,15 @@ class CommandService:
             log.warning("command %s expired before it could start", request.command_id)
             self._report_unstarted(entry, "timeout", EXPIRED_BEFORE_START)
             return
-        journal.record(
-            JournalEntry(
-                command_id=entry.command_id,
-                state="running",
-                expires_at=entry.expires_at,
-                accepted_at=entry.accepted_at,
-                started_at=now,
-            )
+        # The one fsync on the way to the spawn (see "Durability").
+        running = JournalEntry(
+            command_id=entry.command_id,
+            state="running",
+            expires_at=entry.expires_at,
+            accepted_at=entry.accepted_at,
+            started_at=now,
         )
+        journal.record(running, durable=True)
 
         def report_started(started_at: datetime) -> None:
             started = CommandStarted(
@@ -365,7 +424,7 @@ class CommandService:
                 status="running",
                 started_at=started_at,
             )
-            self._put_result(request.command_id, encode(started))
+            self._put_result(request.command_id, encode(started), durable=False)
 
         log.info("command %s started", request.command_id)
         execution = await self._executor.run(
@@ -382,8 +441,11 @@ class CommandService:
             execution.execution_time_ms,
         )
         # Outbox before journal: a crash in between resends, it never loses the result.
-        self._put_result(request.command_id, self._finished_payload(request, execution))
-        journal.record(self._done(entry, started_at=now))
+        # "done" is journaled once the broker has the result (see "Durability").
+        item = self._put_result(
+            request.command_id, self._finished_payload(request, execution), durable=False
+        )
+        self._done_on_delivery[item.seq] = self._done(entry, started_at=now)
 
     def _finished_payload(self, request: CommandRequest, execution: Execution) -> bytes:
         """Encode the final result, shrinking outputs until it fits the payload limit."""
@@ -412,26 +474,52 @@ class CommandService:
 
     # -- delivery -------------------------------------------------------------------
     async def deliver_loop(self, publish: Publish) -> None:
-        """Send pending results in order while connected; returns or raises on disconnect."""
+        """Send pending results in order while connected; returns or raises on disconnect.
+
+        Up to ``_DELIVERY_WINDOW`` results are on the wire at once, and each leaves the
+        outbox (in order) only once its PUBACK is in: a command's final result does not
+        wait for the broker to acknowledge its ``running``.
+        """
         outbox = self._require_outbox()
         topics = self._settings.topics
-        while True:
-            item = outbox.peek()
-            if item is None:
-                # No await between the check and clear(): no put() can slip in between.
+        in_flight: deque[tuple[OutboxItem, asyncio.Task[None]]] = deque()
+        last_sent = 0
+        try:
+            while True:
+                # No await between clear() and the look for new items: no put() slips by.
                 self._outbox_ready.clear()
-                await self._outbox_ready.wait()
-                continue
-            try:
-                topic = topics.result(self._node_id, item.command_id)
-            except ProtocolError as exc:  # a file someone put there by hand
-                log.error("discarding undeliverable result %s: %s", item.path, exc)  # noqa: TRY400
-                outbox.remove(item)
-                continue
-            # An exception here (disconnect) leaves the item first in line for next time.
-            await publish(topic, item.payload)
-            outbox.remove(item)
-            log.debug("delivered %s: %s", topic, truncate_for_log(item.payload))
+                while len(in_flight) < _DELIVERY_WINDOW:
+                    item = outbox.peek_after(last_sent)
+                    if item is None:
+                        break
+                    last_sent = item.seq
+                    try:
+                        topic = topics.result(self._node_id, item.command_id)
+                    except ProtocolError as exc:  # a file someone put there by hand
+                        log.error("discarding undeliverable result %s: %s", item.path, exc)  # noqa: TRY400
+                        self._delivered(item)
+                        continue
+                    # Tasks start in creation order, so the results go on the wire in order.
+                    in_flight.append((item, asyncio.ensure_future(publish(topic, item.payload))))
+                if not in_flight:
+                    await self._outbox_ready.wait()
+                    continue
+                more = asyncio.create_task(self._outbox_ready.wait())
+                try:
+                    await asyncio.wait({in_flight[0][1], more}, return_when=FIRST_COMPLETED)
+                finally:
+                    more.cancel()
+                while in_flight and in_flight[0][1].done():
+                    item, task = in_flight.popleft()
+                    # A disconnect raises here; this item and the rest stay first in line.
+                    task.result()
+                    self._delivered(item)
+                    log.debug("delivered %s: %s", item.command_id, truncate_for_log(item.payload))
+        finally:
+            for _, task in in_flight:
+                task.cancel()
+            # Collects their outcomes too, so none is reported as never retrieved.
+            await asyncio.gather(*(task for _, task in in_flight), return_exceptions=True)
 
     # -- internals ------------------------------------------------------------------
     def _require_journal(self) -> CommandJournal:
@@ -466,9 +554,22 @@ class CommandService:
             started_at=started_at,
         )
 
-    def _put_result(self, command_id: str, payload: bytes) -> None:
-        self._require_outbox().put(command_id, payload)
+    def _put_result(self, command_id: str, payload: bytes, *, durable: bool = True) -> OutboxItem:
+        item = self._require_outbox().put(command_id, payload, durable=durable)
         self._outbox_ready.set()
+        return item
+
+    def _delivered(self, item: OutboxItem) -> None:
+        """Forget a result the broker acknowledged; journal ``done`` if it was a final one."""
+        self._require_outbox().remove(item)
+        done = self._done_on_delivery.pop(item.seq, None)
+        if done is None:
+            return
+        try:
+            self._require_journal().record(done, durable=False)
+        except AgentStateError as exc:
+            # The result is delivered; a restart only reports "agent restarted" in vain.
+            log.error("command %s: %s", done.command_id, exc)  # noqa: TRY400 - one line
 
     def _report_unstarted(
         self,
@@ -487,9 +588,10 @@ class CommandService:
             completed_at=utc_now(),
             error=_error_text(error),
         )
-        # Outbox before journal: a crash in between resends, it never loses the result.
+        # Outbox (fsync'd) before journal: a crash in between resends, it never loses the
+        # result; "done" itself need not survive a power loss (see "Durability").
         self._put_result(entry.command_id, encode(finished))
-        self._require_journal().record(self._done(entry, started_at=started_at))
+        self._require_journal().record(self._done(entry, started_at=started_at), durable=False)
 
     def _maybe_prune(self, now: datetime) -> None:
         if time.monotonic() - self._last_prune < _PRUNE_INTERVAL_S:

@@ -6,11 +6,22 @@ Both live under ``<agent_state_dir>/commands/`` as one small file per item::
     commands/outbox/<seq:020d>-<command_id>.json  a result payload, exactly as published
 
 Why files and not ``sqlite3``: every write here is one whole item, so "write a temporary
-file, fsync it, rename it over the old one, fsync the directory" is atomic and durable
-on POSIX file systems without any library. A crash leaves either the old file or the new
-one, plus at worst a stray ``.*.tmp`` file, which is ignored and removed on the next
-open. Items can be inspected and repaired with ``cat`` and ``rm``. Command ids are
-``[A-Za-z0-9_.-]{1,64}`` (protocol v1), safe as file names as they are.
+file, rename it over the old one" is atomic on POSIX file systems without any library.
+A crash leaves either the old file or the new one, plus at worst a stray ``.*.tmp``
+file, which is ignored and removed on the next open. Items can be inspected and repaired
+with ``cat`` and ``rm``. Command ids are ``[A-Za-z0-9_.-]{1,64}`` (protocol v1), safe as
+file names as they are.
+
+Durability is chosen per write (``durable=``), because the two failures differ:
+
+- an agent crash (``kill -9``, OOM kill, a bug) loses nothing that reached the kernel:
+  a renamed file is in the page cache and every later ``open`` sees it. Every write
+  here survives that, fsync or not.
+- a power loss (or kernel crash) loses what was not fsync'd. Only a few writes must
+  survive it and keep ``durable=True`` (the default): "write, fsync, rename, fsync the
+  directory". Which ones, and why the others need not, is decided by the caller
+  (``agent.commands``, see its module docstring); each fsync costs from under a
+  millisecond on an idle disk to several on a busy one.
 
 Only one process may use a state directory at a time (the agent); nothing here locks.
 """
@@ -85,19 +96,24 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+def _write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content.
+
+    With ``durable`` the new content also survives a power loss once this returns.
+    """
     tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     tmp.replace(path)
-    _fsync_dir(path.parent)  # makes the rename itself durable
+    if durable:
+        _fsync_dir(path.parent)  # makes the rename itself durable
 
 
 def _prepare_dir(directory: Path) -> list[Path]:
@@ -122,7 +138,7 @@ def _quarantine(path: Path, reason: object) -> None:
 
 
 class CommandJournal:
-    """Durable map of accepted command ids to their state, pruned after expiry."""
+    """Map of accepted command ids to their state, kept on disk, pruned after expiry."""
 
     def __init__(
         self, directory: Path, *, keep_after_expiry: timedelta = DEFAULT_KEEP_AFTER_EXPIRY
@@ -166,11 +182,15 @@ class CommandJournal:
         """Return every entry, oldest accepted first."""
         return sorted(self._entries.values(), key=lambda e: (e.accepted_at, e.command_id))
 
-    def record(self, entry: JournalEntry) -> None:
-        """Durably store ``entry`` (replacing the previous state of its id)."""
+    def record(self, entry: JournalEntry, *, durable: bool = True) -> None:
+        """Store ``entry`` (replacing the previous state of its id).
+
+        It survives an agent crash once this returns; with ``durable`` (the default) a
+        power loss too.
+        """
         try:
             data = entry.model_dump_json().encode()
-            _write_atomic(self._dir / _file_name(entry.command_id), data)
+            _write_atomic(self._dir / _file_name(entry.command_id), data, durable=durable)
         except OSError as exc:
             raise AgentStateError(
                 f"cannot write journal entry of command {entry.command_id}: {exc}"
@@ -210,7 +230,7 @@ class OutboxItem:
 
 
 class ResultOutbox:
-    """Durable FIFO of result payloads; an item goes only once the broker has it."""
+    """On-disk FIFO of result payloads; an item goes only once the broker has it."""
 
     def __init__(self, directory: Path) -> None:
         """Open (creating it if needed) the outbox in ``directory``.
@@ -232,33 +252,48 @@ class ResultOutbox:
         """Count the results not yet acknowledged."""
         return len(self._pending)
 
-    def put(self, command_id: str, payload: bytes) -> None:
-        """Durably append a result payload for ``command_id``."""
+    def put(self, command_id: str, payload: bytes, *, durable: bool = True) -> OutboxItem:
+        """Append a result payload for ``command_id``; return it as an item.
+
+        It survives an agent crash once this returns; with ``durable`` (the default) a
+        power loss too.
+        """
         seq = self._next_seq
+        path = self._dir / _outbox_name(seq, command_id)
         try:
-            _write_atomic(self._dir / _outbox_name(seq, command_id), payload)
+            _write_atomic(path, payload, durable=durable)
         except OSError as exc:
             raise AgentStateError(f"cannot store result of command {command_id}: {exc}") from exc
         self._next_seq += 1
         self._pending.append((seq, command_id))
+        return OutboxItem(seq, command_id, payload, path)
 
     def peek(self) -> OutboxItem | None:
         """Return the oldest result not yet acknowledged, or None."""
-        while self._pending:
-            seq, command_id = self._pending[0]
-            path = self._dir / _outbox_name(seq, command_id)
+        return self.peek_after(0)
+
+    def peek_after(self, seq: int) -> OutboxItem | None:
+        """Return the oldest result not yet acknowledged whose number is above ``seq``."""
+        while True:
+            # Sorted by number, and only a window's worth is in flight: a short scan.
+            key = next((key for key in self._pending if key[0] > seq), None)
+            if key is None:
+                return None
+            path = self._dir / _outbox_name(*key)
             try:
-                return OutboxItem(seq, command_id, path.read_bytes(), path)
+                return OutboxItem(key[0], key[1], path.read_bytes(), path)
             except OSError as exc:
                 # Skipping one unreadable result beats blocking every later one forever.
-                self._pending.popleft()
+                self._pending.remove(key)
                 _quarantine(path, exc)
-        return None
 
     def remove(self, item: OutboxItem) -> None:
         """Forget ``item`` once the broker has acknowledged it."""
-        if self._pending and self._pending[0] == (item.seq, item.command_id):
+        key = (item.seq, item.command_id)
+        if self._pending and self._pending[0] == key:
             self._pending.popleft()
+        elif key in self._pending:
+            self._pending.remove(key)
         try:
             # No directory fsync: an unlink undone by a crash only sends a duplicate,
             # which the collector ignores (results move a command forward only).
