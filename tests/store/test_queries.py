@@ -206,3 +206,32 @@ def test_unreachable_database_is_a_store_error() -> None:
             list_nodes(engine)
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("name", ["nodes", "node_metrics", "commands", "command_results"])
+def test_read_tables_match_the_models(name: str) -> None:
+    # The read queries use lightweight Core tables (no SQLModel import for the CLI):
+    # every column they name must exist in the model with the same kind of type.
+    from mqfleet.store.models import metadata  # noqa: PLC0415 - the source of truth
+    from mqfleet.store.queries import READ_TABLES  # noqa: PLC0415
+    from mqfleet.store.types import UTCDateTime  # noqa: PLC0415
+
+    model = metadata.tables[name]
+    for column in READ_TABLES[name].columns:
+        assert column.name in model.columns, f"{name}.{column.name} is not in the model"
+        expected = model.columns[column.name].type
+        if isinstance(expected, UTCDateTime):
+            assert isinstance(column.type, UTCDateTime), f"{name}.{column.name}"
+        else:
+            assert column.type._type_affinity is expected._type_affinity, f"{name}.{column.name}"
+            assert getattr(column.type, "length", None) == getattr(expected, "length", None)
+
+
+def test_read_queries_do_not_load_sqlmodel() -> None:
+    # What keeps `mqfleet nodes` and `mqfleet run` fast to start (issue 5, target 6).
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = "import sys, mqfleet.store.queries; print('sqlmodel' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,13 +1,13 @@
 """The ``mqfleet`` click group: global options, error mapping and the read commands.
 
-Start-up stays lean: SQLAlchemy, SQLModel, aiomqtt and the agent/collector are imported
+Start-up stays lean: SQLAlchemy, aiomqtt, asyncio and the agent/collector are imported
 inside the commands that need them, so ``mqfleet --help`` and ``mqfleet agent`` never load
-the database layer and ``mqfleet run`` starts fast.
+the database layer and ``mqfleet run`` starts fast. The read commands use SQLAlchemy Core
+only (``store.queries``), never SQLModel and the ORM.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import os
@@ -232,9 +232,9 @@ def open_store(settings: Settings, *, must_exist: bool = True) -> Iterator[Engin
         on_disk = database not in {"", ":memory:"} and not database.startswith("file:")
         if must_exist and on_disk and not path.is_file():
             raise StoreError(
-                    f"database {path} does not exist yet: start 'mqfleet up' or "
-                    "'mqfleet collector', or create it with 'mqfleet db upgrade'"
-                )
+                f"database {path} does not exist yet: start 'mqfleet up' or "
+                "'mqfleet collector', or create it with 'mqfleet db upgrade'"
+            )
     else:
         # An unreachable host must fail in seconds, not hang on the TCP timeout.
         kwargs["connect_args"] = {"connect_timeout": _PG_CONNECT_TIMEOUT_S}
@@ -418,6 +418,7 @@ def db_upgrade(state: CliState) -> int:
 # -- services ------------------------------------------------------------------------
 def serve(entry: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings) -> None:
     """Run a service until SIGTERM/SIGINT, which cancel it so it can shut down cleanly."""
+    import asyncio  # noqa: PLC0415 - lean start-up: the read commands never need it
 
     async def supervise() -> None:
         loop = asyncio.get_running_loop()

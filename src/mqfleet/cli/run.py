@@ -7,7 +7,6 @@ collector keeps their command ``pending`` and republishes it when the node retur
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import math
 import os
@@ -133,6 +132,8 @@ class RunView:
 async def _publish_all(
     client: aiomqtt.Client, settings: Settings, requests: Sequence[CommandRequest]
 ) -> None:
+    import asyncio  # noqa: PLC0415 - lean start-up of the read commands, which never need it
+
     from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415 - lean start-up
     from paho.mqtt.properties import Properties  # noqa: PLC0415
 
@@ -203,9 +204,9 @@ class _ResultInbox:
             )
 
 
-async def _collect_results(
-    client: aiomqtt.Client, inbox: _ResultInbox, timeout_s: float
-) -> None:
+async def _collect_results(client: aiomqtt.Client, inbox: _ResultInbox, timeout_s: float) -> None:
+    import asyncio  # noqa: PLC0415 - see _publish_all
+
     loop = asyncio.get_running_loop()
     inbox.view.progress(inbox.report)
     try:
@@ -401,6 +402,8 @@ def run(
             outcome.state = "queued"
         report.targets.append(outcome)
     requests = _sign(key, requests)
+
+    import asyncio  # noqa: PLC0415 - see _publish_all
 
     view = RunView(as_json=as_json, wait=not no_wait)
     try:

@@ -8,44 +8,15 @@ keys of the design. Columns added for features are marked "added:" with the reas
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
-from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-if TYPE_CHECKING:
-    from sqlalchemy.engine import Dialect
+# Defined apart (SQLAlchemy only) so the CLI's read queries need not load SQLModel.
+from mqfleet.store.types import UTCDateTime
 
 __all__ = ["Command", "CommandResult", "Node", "NodeMetric", "UTCDateTime", "metadata"]
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """A timezone-aware UTC datetime on every backend.
-
-    PostgreSQL stores ``timestamptz``; SQLite has no time zones, so values are stored
-    as naive UTC and given back their ``tzinfo`` on the way out. Naive input is refused:
-    a silent local-time guess is how fleets end up with metrics an hour in the future.
-    """
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        """Normalise to UTC (naive UTC for SQLite)."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            msg = f"naive datetime {value!r} given to a UTC column"
-            raise ValueError(msg)
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:  # noqa: ARG002
-        """Return an aware UTC datetime."""
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 # Stable constraint names, so Alembic migrations can refer to them on every backend.

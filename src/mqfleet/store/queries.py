@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from mqfleet.errors import StoreError, UnknownCommandError, UnknownNodeError
-from mqfleet.store.models import metadata
+from mqfleet.store.types import UTCDateTime
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine, Row
 
 __all__ = [
+    "READ_TABLES",
     "CommandDetail",
     "CommandRow",
     "MetricRow",
@@ -40,10 +41,64 @@ __all__ = [
     "nodes_by_id",
 ]
 
-_NODES: Final = metadata.tables["nodes"]
-_METRICS: Final = metadata.tables["node_metrics"]
-_COMMANDS: Final = metadata.tables["commands"]
-_RESULTS: Final = metadata.tables["command_results"]
+# The columns these queries read, as SQLAlchemy Core "lightweight" tables with the same
+# names and types as the tables of ``mqfleet.store.models``. Not those tables themselves:
+# importing the models loads SQLModel and the ORM, which costs every CLI read command a
+# few hundred milliseconds of start-up. tests/store/test_queries.py checks they match.
+_NODES: Final = sa.table(
+    "nodes",
+    sa.column("node_id", sa.String(64)),
+    sa.column("hostname", sa.String(255)),
+    sa.column("ip_address", sa.String(45)),
+    sa.column("os_info", sa.String(255)),
+    sa.column("status", sa.String(20)),
+    sa.column("status_reason", sa.String(255)),
+    sa.column("last_heartbeat", UTCDateTime()),
+    sa.column("registered_at", UTCDateTime()),
+    sa.column("updated_at", UTCDateTime()),
+    sa.column("session", sa.BigInteger()),
+    sa.column("interval_s", sa.Float()),
+    sa.column("agent_version", sa.String(64)),
+)
+_METRICS: Final = sa.table(
+    "node_metrics",
+    sa.column("node_id", sa.String(64)),
+    sa.column("metric_time", UTCDateTime()),
+    sa.column("cpu_usage", sa.Float()),
+    sa.column("memory_usage", sa.Float()),
+    sa.column("disk_usage", sa.Float()),
+    sa.column("load_average", sa.Float()),
+)
+_COMMANDS: Final = sa.table(
+    "commands",
+    sa.column("id", sa.Integer()),
+    sa.column("command_id", sa.String(64)),
+    sa.column("target_node_id", sa.String(64)),
+    sa.column("command_text", sa.Text()),
+    sa.column("status", sa.String(20)),
+    sa.column("created_at", UTCDateTime()),
+    sa.column("started_at", UTCDateTime()),
+    sa.column("completed_at", UTCDateTime()),
+    sa.column("expires_at", UTCDateTime()),
+    sa.column("timeout_s", sa.Float()),
+    sa.column("issuer", sa.String(255)),
+    sa.column("batch_id", sa.String(64)),
+)
+_RESULTS: Final = sa.table(
+    "command_results",
+    sa.column("id", sa.Integer()),
+    sa.column("command_id", sa.String(64)),
+    sa.column("stdout", sa.Text()),
+    sa.column("stderr", sa.Text()),
+    sa.column("exit_code", sa.Integer()),
+    sa.column("execution_time_ms", sa.Integer()),
+    sa.column("created_at", UTCDateTime()),
+    sa.column("error", sa.Text()),
+    sa.column("stdout_truncated", sa.Boolean()),
+    sa.column("stderr_truncated", sa.Boolean()),
+)
+#: The lightweight tables above, by name (for the test that compares them to the models).
+READ_TABLES: Final = {t.name: t for t in (_NODES, _METRICS, _COMMANDS, _RESULTS)}
 
 #: Bound parameters per ``IN (...)`` list: far below SQLite's and PostgreSQL's limits.
 _IN_CHUNK: Final = 500
@@ -303,9 +358,7 @@ def list_metrics(
     if since is not None:
         query = query.where(_METRICS.c.metric_time >= since)
     with _reading(engine) as conn:
-        known = conn.execute(
-            sa.select(_NODES.c.node_id).where(_NODES.c.node_id == node_id)
-        ).first()
+        known = conn.execute(sa.select(_NODES.c.node_id).where(_NODES.c.node_id == node_id)).first()
         if known is None:
             raise UnknownNodeError([node_id])
         return [_metric(row) for row in conn.execute(query)]
