@@ -526,3 +526,22 @@ async def test_a_restart_sends_a_finished_commands_result_instead_of_agent_resta
         await asyncio.sleep(0.2)  # an "agent restarted" report would show up here
     assert publish.statuses() == [("c-1", "running"), ("c-1", "success")]
     assert publish.final("c-1").stdout == "hi\n"  # type: ignore[union-attr]
+
+
+async def test_a_torn_result_file_after_a_power_loss_is_set_aside_and_reported(
+    settings: Settings,
+) -> None:
+    # Results are not fsync'd: after a power loss a final result may be a torn file.
+    first = await started(settings)
+    async with serving(first):
+        first.accept(command("c-1", "echo hi"))
+        await wait_until(lambda: len(first._outbox or ()) == 2)
+    outbox_dir = settings.agent_state_dir / "commands" / "outbox"
+    final_file = max(outbox_dir.glob("*.json"))
+    final_file.write_bytes(b'{"v":1,"command_id":"c-1","sta')
+    second, publish = await started(settings), FakePublisher()
+    async with serving(second, publish):
+        await wait_until(lambda: publish.final("c-1"))
+    assert publish.statuses() == [("c-1", "running"), ("c-1", "failed")]
+    assert publish.final("c-1").error == AGENT_RESTARTED  # type: ignore[union-attr]
+    assert final_file.with_name(final_file.name + ".corrupt").exists()

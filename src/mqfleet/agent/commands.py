@@ -296,8 +296,10 @@ class CommandService:
             try:
                 if decode_result(item.payload).status != "running":
                     finals[item.command_id] = item.seq
-            except ProtocolError:
-                pass  # not ours to judge here: delivery discards or sends it as it is
+            except ProtocolError as exc:
+                # Results are not fsync'd: a power loss may leave a torn file. The
+                # journal still says "running", so "agent restarted" is reported instead.
+                outbox.discard(item, exc)
             item = outbox.peek_after(item.seq)
         return finals
 

@@ -287,13 +287,21 @@ class ResultOutbox:
                 self._pending.remove(key)
                 _quarantine(path, exc)
 
-    def remove(self, item: OutboxItem) -> None:
-        """Forget ``item`` once the broker has acknowledged it."""
+    def discard(self, item: OutboxItem, reason: object) -> None:
+        """Set aside an item that is not a result (kept as ``.corrupt``, never sent)."""
+        self._forget(item)
+        _quarantine(item.path, reason)
+
+    def _forget(self, item: OutboxItem) -> None:
         key = (item.seq, item.command_id)
         if self._pending and self._pending[0] == key:
             self._pending.popleft()
         elif key in self._pending:
             self._pending.remove(key)
+
+    def remove(self, item: OutboxItem) -> None:
+        """Forget ``item`` once the broker has acknowledged it."""
+        self._forget(item)
         try:
             # No directory fsync: an unlink undone by a crash only sends a duplicate,
             # which the collector ignores (results move a command forward only).
