@@ -678,6 +678,15 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _private_pss_mib(pid: int) -> tuple[float, float]:
+    """(private, proportional) memory of ``pid`` in MiB: RSS minus shared library pages."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0]) / 1024
+    return fields["Private_Clean"] + fields["Private_Dirty"], fields["Pss"]
+
+
 def bench_footprint(table: Table, seconds: float) -> None:
     """RSS and CPU of the real agent idle at its default interval, beside bare python."""
     print(f"[footprint] {seconds:.0f}s idle", flush=True)
@@ -695,9 +704,14 @@ def bench_footprint(table: Table, seconds: float) -> None:
         time.sleep(seconds)
         cpu = {k: (_cpu_seconds(p) - cpu0[k]) / seconds * 100 for k, p in pids.items()}
         rss = {k: _rss_mib(p) for k, p in pids.items()}
+        private = {k: _private_pss_mib(p) for k, p in pids.items()}
         agent.stop()
         bare.stop()
-    exporter = "node_exporter not installed on this machine: not measured"
+    exporter = (
+        f"private {private['agent'][0]:.1f} MiB, PSS {private['agent'][1]:.1f} MiB "
+        f"(bare python: {private['bare'][0]:.1f} / {private['bare'][1]:.1f}); "
+        "node_exporter not installed on this machine: not measured"
+    )
     table.add(
         Row(
             "5. agent RSS (idle, 10 s interval)",

@@ -1,9 +1,9 @@
 """The ``mqfleet`` click group: global options, error mapping and the read commands.
 
-Start-up stays lean: SQLAlchemy, aiomqtt, asyncio and the agent/collector are imported
-inside the commands that need them, so ``mqfleet --help`` and ``mqfleet agent`` never load
-the database layer and ``mqfleet run`` starts fast. The read commands use SQLAlchemy Core
-only (``store.queries``), never SQLModel and the ORM.
+Start-up stays lean: SQLAlchemy, aiomqtt and the agent/collector are imported inside the
+commands that need them, so ``mqfleet --help`` and ``mqfleet agent`` never load the
+database layer and ``mqfleet run`` starts fast. The read commands use SQLAlchemy Core only
+(``store.queries``), never SQLModel and the ORM.
 """
 
 from __future__ import annotations
