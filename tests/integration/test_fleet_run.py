@@ -39,13 +39,13 @@ def test_run_all_over_20_agents(fleet: Fleet) -> None:
     )
 
     result = fleet.cli("run", "--all", "--json", "--", 'echo "$MQFLEET_NODE_ID"')
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 0, (result.stdout, result.stderr, fleet.diagnose())
     document = json.loads(result.stdout)
     assert document["exit_code"] == 0
     assert document["summary"]["targets"] == document["summary"]["success"] == FLEET_SIZE
     by_node = {t["node_id"]: t for t in document["results"]}
     assert sorted(by_node) == node_ids
-    assert all(t["stdout"] == f"{n}\n" for n, t in by_node.items())
+    assert {n: t["stdout"] for n, t in by_node.items()} == {n: f"{n}\n" for n in node_ids}
     batch = document["batch_id"]
     wait_for(
         lambda: (
@@ -61,7 +61,7 @@ def test_run_all_over_20_agents(fleet: Fleet) -> None:
 
     # One node fails: the run exits 1 and says which.
     result = fleet.cli("run", "--all", "--json", "--", 'test "$MQFLEET_NODE_ID" != fleet-07')
-    assert result.exit_code == 1, result.stderr
+    assert result.exit_code == 1, (result.stdout, result.stderr)
     document = json.loads(result.stdout)
     failed = [t for t in document["results"] if t["status"] != "success"]
     assert [(t["node_id"], t["status"], t["exit_code"]) for t in failed] == [
@@ -71,16 +71,16 @@ def test_run_all_over_20_agents(fleet: Fleet) -> None:
 
     # --match picks nodes by glob.
     result = fleet.cli("run", "--match", "fleet-1*", "--json", "--", "true")
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 0, (result.stdout, result.stderr)
     matched = sorted(t["node_id"] for t in json.loads(result.stdout)["results"])
     assert matched == [f"fleet-{i}" for i in range(10, 20)]
 
     # One node away: no failure, so exit 4; its command runs when it is back.
     away = agents.pop()
-    assert away.stop() == 0
+    assert away.stop() == 0, away.tail()
     wait_for(lambda: fleet.node(node_ids[-1]).status == "offline", "one node offline")  # type: ignore[union-attr]
     result = fleet.cli("run", "--all", "--json", "--", 'echo "$MQFLEET_NODE_ID"')
-    assert result.exit_code == 4, result.stderr
+    assert result.exit_code == 4, (result.stdout, result.stderr)
     document = json.loads(result.stdout)
     assert (document["summary"]["success"], document["summary"]["queued"]) == (FLEET_SIZE - 1, 1)
     (queued,) = [t for t in document["results"] if t["status"] == "queued"]
@@ -96,7 +96,7 @@ def test_exit_codes_of_the_real_cli(fleet: Fleet) -> None:
     fleet.start_collector()
     fleet.start_agent("ex-1")
     away = fleet.start_agent("ex-2")
-    assert away.stop() == 0
+    assert away.stop() == 0, away.tail()
     wait_for(lambda: fleet.node("ex-2").status == "offline", "ex-2 offline")  # type: ignore[union-attr]
 
     def mqfleet(*args: str, flags: list[str] | None = None) -> tuple[int, str, str]:
