@@ -21,16 +21,26 @@ MAY_IMPORT: dict[str, set[str]] = {
     "settings": {"protocol", "errors"},
     "transport": {"settings", "errors"},
     "localbroker": {"errors"},
+    "loops": {"errors"},
     "store": {"protocol", "errors"},
     # Self-contained building blocks (tokens, ACL, signatures) that each side picks from.
     "security": {"protocol", "settings", "errors"},
-    "agent": {"protocol", "settings", "transport", "errors", "security"},
+    "agent": {"protocol", "settings", "transport", "errors", "security", "loops"},
     # The fleet simulator (bench/) speaks the protocol like many agents at once.
-    "simulator": {"protocol", "settings", "transport", "errors", "localbroker"},
-    "collector": {"protocol", "settings", "transport", "store", "errors", "security"},
+    "simulator": {"protocol", "settings", "transport", "errors", "localbroker", "loops"},
+    "collector": {"protocol", "settings", "transport", "store", "errors", "security", "loops"},
     "cli": {
-        "protocol", "settings", "transport", "store", "errors", "localbroker", "security",
-        "agent", "collector", "simulator",
+        "protocol",
+        "settings",
+        "transport",
+        "store",
+        "errors",
+        "localbroker",
+        "security",
+        "loops",
+        "agent",
+        "collector",
+        "simulator",
     },
 }
 #: Third-party packages a component must never import, even lazily.

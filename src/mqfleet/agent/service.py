@@ -32,7 +32,8 @@ from mqfleet.agent.commands import CommandService
 from mqfleet.agent.hostinfo import hostname, ip_address, os_info
 from mqfleet.agent.probes import MetricsProbe, MetricsSource, default_source
 from mqfleet.agent.state import SessionCounter
-from mqfleet.errors import AuthenticationError, BrokerError, MqfleetError, ProtocolError
+from mqfleet.errors import AuthenticationError, BrokerError, ProtocolError
+from mqfleet.loops import leaves, run_loops
 from mqfleet.protocol import (
     REASON_CONNECTION_LOST,
     REASON_SHUTDOWN,
@@ -83,16 +84,6 @@ SHUTDOWN_PUBLISH_TIMEOUT_S: Final = 5.0
 WILL_REASON: Final = REASON_CONNECTION_LOST
 SHUTDOWN_REASON: Final = REASON_SHUTDOWN
 _MAX_REASON: Final = 255
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            leaves.extend(_leaves(exc))
-        else:
-            leaves.append(exc)
-    return leaves
 
 
 def _is_connection_loss(exc: BaseException) -> bool:
@@ -152,28 +143,14 @@ class AgentService:
         await self._new_session()
         await asyncio.to_thread(self._probe.prime)
         await self._commands.start()
-        fatal: MqfleetError | None = None
-        # In a task of its own, like the per-connection loops: on Python 3.11 a failing
-        # TaskGroup child leaves the parent's cancel count raised, which would leak into
-        # the caller's task (and its asyncio.timeout / TaskGroup bookkeeping).
-        loops = asyncio.create_task(self._lifetime_loops(), name="agent_loops")
-        try:
-            await loops
-        except BaseExceptionGroup as group:
-            leaves = _leaves(group)
-            # One expected failure (bad credentials, unusable state dir) is raised as
-            # itself, so callers can catch it by type; anything else is a bug: keep all.
-            if len(leaves) != 1 or not isinstance(leaves[0], MqfleetError):
-                raise
-            fatal = leaves[0]
-        if fatal is not None:
-            raise fatal
-
-    async def _lifetime_loops(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._metrics_loop(), name="metrics_loop")
-            tg.create_task(self._connection_loop(), name="connection_loop")
-            tg.create_task(self._commands.run_loop(), name="command_run_loop")
+        # An expected failure (bad credentials, unusable state dir) is raised as itself.
+        await run_loops(
+            {
+                "metrics_loop": self._metrics_loop,
+                "connection_loop": self._connection_loop,
+                "command_run_loop": self._commands.run_loop,
+            }
+        )
 
     async def _new_session(self) -> None:
         self.session = await asyncio.to_thread(self._sessions.allocate)
@@ -335,10 +312,10 @@ class AgentService:
             try:
                 await loops
             except BaseExceptionGroup as group:
-                leaves = _leaves(group)
-                if not all(_is_connection_loss(exc) for exc in leaves):
+                found = leaves(group)
+                if not all(_is_connection_loss(exc) for exc in found):
                     raise
-                lost = leaves[0]
+                lost = found[0]
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 # Cancelled just as the connection broke: the loops reported the break,

@@ -44,6 +44,7 @@ from mqfleet.errors import (
     ProtocolError,
     StoreError,
 )
+from mqfleet.loops import run_loops
 from mqfleet.protocol import (
     REASON_CONNECTION_LOST,
     REASON_SHUTDOWN,
@@ -190,17 +191,15 @@ class Collector:
         )
         self._client = self._connect()
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._write_loop(), name="write_loop")
-                tg.create_task(self._staleness_loop(), name="staleness_loop")
-                tg.create_task(self._expiry_loop(), name="expiry_loop")
-                tg.create_task(self._retention_loop(), name="retention_loop")
-                tg.create_task(self._fatal_loop(), name="fatal_loop")
-        except ExceptionGroup as group:
-            ours = [exc for exc in group.exceptions if isinstance(exc, MqfleetError)]
-            if ours:
-                raise ours[0] from None
-            raise
+            await run_loops(
+                {
+                    "write_loop": self._write_loop,
+                    "staleness_loop": self._staleness_loop,
+                    "expiry_loop": self._expiry_loop,
+                    "retention_loop": self._retention_loop,
+                    "fatal_loop": self._fatal_loop,
+                }
+            )
         finally:
             await self._shutdown(engine)
 

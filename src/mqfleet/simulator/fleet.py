@@ -38,6 +38,7 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from mqfleet import __version__
 from mqfleet.errors import AuthenticationError, ConfigError, MqfleetError, ProtocolError
+from mqfleet.loops import run_loops
 from mqfleet.protocol import (
     ERROR_EXPIRED_BEFORE_DELIVERY,
     REASON_CONNECTION_LOST,
@@ -632,16 +633,14 @@ class Fleet:
         self.running = True
         log.info("simulating %d nodes against %s", len(self.nodes), self.settings.broker)
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._connect_loop(), name="connect_loop")
-                tg.create_task(self._metrics_loop(), name="metrics_loop")
-                tg.create_task(self._misc_loop(), name="misc_loop")
-                tg.create_task(self._fatal_loop(), name="fatal_loop")
-        except ExceptionGroup as group:
-            ours = [exc for exc in group.exceptions if isinstance(exc, MqfleetError)]
-            if ours:
-                raise ours[0] from None
-            raise
+            await run_loops(
+                {
+                    "connect_loop": self._connect_loop,
+                    "metrics_loop": self._metrics_loop,
+                    "misc_loop": self._misc_loop,
+                    "fatal_loop": self._fatal_loop,
+                }
+            )
         finally:
             self.running = False
             await self._shutdown()
