@@ -17,14 +17,17 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
 from mqfleet.localbroker import LocalBroker
 from mqfleet.store.engine import create_store_engine, upgrade
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -36,7 +39,7 @@ POSTGRES_URL = os.environ.get(
 
 @contextlib.contextmanager
 def workdir(name: str) -> Iterator[Path]:
-    """A temp directory, removed afterwards (kept with BENCH_KEEP=1 for post-mortems)."""
+    """Yield a temp directory, removed afterwards (kept with BENCH_KEEP=1 for post-mortems)."""
     path = Path(tempfile.mkdtemp(prefix=f"mqfleet-bench-{name}-"))
     try:
         yield path
@@ -47,7 +50,7 @@ def workdir(name: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def broker(work: Path, extra_config: str = "") -> Iterator[LocalBroker]:
-    """A private mosquitto with the project config on a free loopback port.
+    """Run a private mosquitto with the project config on a free loopback port.
 
     Authentication is off (``auth=False``): a loopback benchmark measures throughput,
     and password checks happen once per connection, not per message.
@@ -113,7 +116,7 @@ def scalar(url: str, sql: str, **params: object) -> object:
 
 
 def mqfleet_argv(broker_url: str, database_url: str | None, *args: str) -> list[str]:
-    """The argv of an ``mqfleet`` command against this benchmark's broker and database."""
+    """Build the argv of an ``mqfleet`` command against this benchmark's broker and database."""
     argv = [MQFLEET, "--broker", broker_url]
     if database_url is not None:
         argv += ["--database", database_url]
@@ -121,7 +124,7 @@ def mqfleet_argv(broker_url: str, database_url: str | None, *args: str) -> list[
 
 
 def bench_env() -> dict[str, str]:
-    """The environment of child processes: no developer config, no MQFLEET_* leaks."""
+    """Return the environment of child processes: no developer config, no MQFLEET_* leaks."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MQFLEET_")}
     # No config file of the developer's can change what is measured.
     env["XDG_CONFIG_HOME"] = str(Path(tempfile.gettempdir()) / "mqfleet-bench-no-config")
@@ -169,7 +172,7 @@ class Service:
             self.proc.wait()
 
     def tail(self, lines: int = 20) -> str:
-        """The last lines of the service's log."""
+        """Return the last lines of the service's log."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
@@ -205,7 +208,7 @@ def wait_for(
 
 
 def percentile(values: list[float], pct: float) -> float:
-    """The ``pct`` percentile (nearest rank) of ``values``."""
+    """Return the ``pct`` percentile (nearest rank) of ``values``."""
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -214,7 +217,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def median(values: list[float]) -> float:
-    """The median of ``values``."""
+    """Return the median of ``values``."""
     return statistics.median(values) if values else float("nan")
 
 
@@ -249,7 +252,7 @@ class Table:
         print(f"  -> {fmt_row(row)}", flush=True)
 
     def render(self) -> str:
-        """A Markdown table of every result."""
+        """Render every result as a Markdown table."""
         out = [
             "| benchmark | figure | baseline (same run) | ratio | target | met |",
             "|---|---|---|---|---|---|",

@@ -69,7 +69,7 @@ BENCH_SESSION_EXPIRY = 3600
 
 # -- small paho helpers -------------------------------------------------------------------
 def paho(client_id: str = "") -> Client:
-    """An MQTT 5 paho client (not connected) with a wide inflight window."""
+    """Make an MQTT 5 paho client (not connected) with a wide inflight window."""
     client = Client(
         CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
     )
@@ -311,6 +311,7 @@ class LagProbe:
     """A bare paho subscriber measuring transport lag (metric ts -> received) as baseline."""
 
     def __init__(self, port: int) -> None:
+        """Connect to the broker on ``port`` and subscribe to every node's metrics."""
         self.lags: list[float] = []
         self.client = paho()
         self.client.on_message = self._on_message
@@ -322,6 +323,7 @@ class LagProbe:
         self.lags.append(time.time() - report.ts.timestamp())
 
     def close(self) -> None:
+        """Disconnect the subscriber."""
         close(self.client)
 
 
@@ -447,7 +449,7 @@ def wait_online(url: str, node: str, timeout: float = 60) -> None:
 
 
 def command(node: str, text: str = "true") -> CommandRequest:
-    """A command request for ``node``."""
+    """Build a command request for ``node``."""
     now = utc_now()
     return CommandRequest(
         command_id=str(uuid.uuid4()),
@@ -542,7 +544,7 @@ def _env() -> dict[str, str]:
 
 
 def bench_rtt(table: Table, rounds: int) -> None:
-    """`true` on one real agent: in-process and whole `mqfleet run`, vs paho ping-pong."""
+    """Time `true` on one real agent: in-process and whole `mqfleet run`, vs paho ping-pong."""
     print(f"[rtt] {rounds} rounds", flush=True)
     with workdir("rtt") as work, broker(work) as b, database("sqlite", work) as url:
         collector = start_collector(b, url, work)
@@ -578,7 +580,8 @@ def bench_rtt(table: Table, rounds: int) -> None:
             median(base) * 1000,
             "< 5 ms",
             p50 < 5,
-            f"p99 {percentile(inproc, 99) * 1000:.1f} ms; ping-pong p99 {percentile(base, 99) * 1000:.2f} ms",
+            f"p99 {percentile(inproc, 99) * 1000:.1f} ms; "
+            f"ping-pong p99 {percentile(base, 99) * 1000:.2f} ms",
         )
     )
     p50s = median(inproc_sim) * 1000
@@ -660,7 +663,8 @@ def bench_fanout(table: Table, nodes: int) -> None:
             median(single),
             "< 3 s, all stored",
             ok,
-            f"exit {proc.returncode}, {ok_targets} success printed, all stored after {stored_after:.2f}s",
+            f"exit {proc.returncode}, {ok_targets} success printed, "
+            f"all stored after {stored_after:.2f}s",
         )
     )
 
@@ -749,7 +753,8 @@ def fill_sqlite(path: Path, nodes: int, rows: int) -> float:
     stamp = now.strftime(fmt)
     conn.executemany(
         "insert into nodes (node_id, hostname, ip_address, os_info, status, last_heartbeat, "
-        "registered_at, updated_at, session, interval_s) values (?, ?, ?, ?, 'online', ?, ?, ?, 1, 10.0)",
+        "registered_at, updated_at, session, interval_s) "
+        "values (?, ?, ?, ?, 'online', ?, ?, ?, 1, 10.0)",
         [
             (f"sim-{i:05d}", f"sim-{i:05d}", "10.0.0.1", "Linux", stamp, stamp, stamp)
             for i in range(1, nodes + 1)
@@ -761,8 +766,9 @@ def fill_sqlite(path: Path, nodes: int, rows: int) -> float:
     chunk: list[tuple] = []
     for step in range(per_node):
         ts = (now - timedelta(seconds=10 * step)).strftime(fmt)
-        for i in range(1, nodes + 1):
-            chunk.append((f"sim-{i:05d}", ts, 10.0, 20.0, 30.0, 0.5, ts, 1, step))
+        chunk.extend(
+            (f"sim-{i:05d}", ts, 10.0, 20.0, 30.0, 0.5, ts, 1, step) for i in range(1, nodes + 1)
+        )
         if len(chunk) >= 200_000:
             conn.executemany(
                 "insert into node_metrics (node_id, metric_time, cpu_usage, memory_usage, "
@@ -831,7 +837,28 @@ def bench_reads(table: Table, rows: int, nodes: int = 10_000) -> None:
 ALL = ("ingest", "scale", "rtt", "fanout", "footprint", "reads")
 
 
+def run_benchmark(table: Table, name: str, args: argparse.Namespace) -> None:
+    """Run the benchmark called ``name`` with the sizes given on the command line."""
+    if name == "ingest":
+        bench_ingest(table, "sqlite", args.messages)
+        if postgres_available():
+            bench_ingest(table, "postgres", args.messages)
+        else:
+            print("[ingest/postgres] skipped: PostgreSQL not reachable", flush=True)
+    elif name == "scale":
+        bench_scale(table, args.nodes, args.duration)
+    elif name == "rtt":
+        bench_rtt(table, args.rounds)
+    elif name == "fanout":
+        bench_fanout(table, args.fanout)
+    elif name == "footprint":
+        bench_footprint(table, args.idle)
+    elif name == "reads":
+        bench_reads(table, args.rows)
+
+
 def main() -> int:
+    """Parse the arguments, run the chosen benchmarks and print the table."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -858,26 +885,11 @@ def main() -> int:
     t0 = time.time()
     for name in chosen:
         try:
-            if name == "ingest":
-                bench_ingest(table, "sqlite", args.messages)
-                if postgres_available():
-                    bench_ingest(table, "postgres", args.messages)
-                else:
-                    print("[ingest/postgres] skipped: PostgreSQL not reachable", flush=True)
-            elif name == "scale":
-                bench_scale(table, args.nodes, args.duration)
-            elif name == "rtt":
-                bench_rtt(table, args.rounds)
-            elif name == "fanout":
-                bench_fanout(table, args.fanout)
-            elif name == "footprint":
-                bench_footprint(table, args.idle)
-            elif name == "reads":
-                bench_reads(table, args.rows)
+            run_benchmark(table, name, args)
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the rest
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
             table.rows.append(
-                Row(name, float("nan"), "", "", float("nan"), "", False, f"failed: {exc}")
+                Row(name, float("nan"), "", "", float("nan"), met=False, note=f"failed: {exc}")
             )
     text = table.render()
     print(f"\nall benchmarks in {time.time() - t0:.0f}s\n\n{text}")

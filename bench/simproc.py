@@ -27,6 +27,7 @@ DRAIN_TIMEOUT_S = 120.0
 
 
 async def main() -> None:
+    """Run the fleet, obey stdin until ``stop``, drain, then write the ledger."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--broker", required=True)
     parser.add_argument("--nodes", type=int, required=True)
@@ -58,12 +59,11 @@ async def main() -> None:
             stats = asdict(fleet.stats) | {"unacked": fleet.unacked()}
             print(json.dumps(stats), flush=True)
     # Every sample must reach the broker before we leave: paho resends after reconnects.
+    # Polled: the acknowledgements and connections live in paho's threads, with no event.
     deadline = loop.time() + DRAIN_TIMEOUT_S
-    while (
-        not task.done()
-        and (fleet.unacked() or fleet.stats.connected < len(fleet.nodes))
-        and loop.time() < deadline
-    ):
+    while loop.time() < deadline:
+        if task.done() or not (fleet.unacked() or fleet.stats.connected < len(fleet.nodes)):
+            break
         await asyncio.sleep(0.1)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -15,6 +15,7 @@ Prints the totals; exits 1 on any mismatch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import subprocess
@@ -67,6 +68,7 @@ def command_loop(
     port: int,
     targets: list[str],
     key_file: Path,
+    *,
     sent: Sent,
     stop: threading.Event,
     period_s: float,
@@ -105,6 +107,7 @@ def command_loop(
 
 
 def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
+    """Run the soak with its faults, reconcile, print the totals; 1 on any mismatch."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -158,7 +161,10 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
             for node in agent_ids
         ]
         total = args.nodes + args.agents
-        online = lambda: int(scalar(url, "select count(*) from nodes where status='online'") or 0)  # noqa: E731
+
+        def online() -> int:
+            return int(scalar(url, "select count(*) from nodes where status='online'") or 0)
+
         wait_for(lambda: online() == total, 180, "every node online", 0.5)
         step(f"{args.nodes} simulated nodes + {args.agents} agents online")
 
@@ -168,14 +174,8 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
         targets = sim_ids + agent_ids * max(1, args.nodes // 20)  # agents get a fair share
         sender = threading.Thread(
             target=command_loop,
-            args=(
-                b.port,
-                targets,
-                Path(keys["MQFLEET_OPERATOR_PRIVATE_KEY_FILE"]),
-                sent,
-                stop,
-                0.2,
-            ),
+            args=(b.port, targets, Path(keys["MQFLEET_OPERATOR_PRIVATE_KEY_FILE"])),
+            kwargs={"sent": sent, "stop": stop, "period_s": 0.2},
             daemon=True,
         )
         sender.start()
@@ -240,13 +240,14 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
             agent.stop()
         ledger = json.loads((work / "ledger.json").read_text())
         want = sum(n for s in ledger["sessions"].values() for n in s.values())
-        sim_stored = lambda: int(
-            scalar(url, "select count(*) from node_metrics where node_id like 'sim-%'") or 0
-        )
-        try:
+
+        def sim_stored() -> int:
+            return int(
+                scalar(url, "select count(*) from node_metrics where node_id like 'sim-%'") or 0
+            )
+
+        with contextlib.suppress(TimeoutError):  # reported below, precisely
             wait_for(lambda: sim_stored() >= want, 180, "every simulated sample stored", 1.0)
-        except TimeoutError:
-            pass  # reported below, precisely
         try:
             wait_for(lambda: online() == 0, 60, "every node offline after the stop", 0.5)
         except TimeoutError:
@@ -261,8 +262,8 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
                 (r[0], int(r[1])): (r[2], r[3], r[4], r[5])
                 for r in conn.execute(
                     sa.text(
-                        "select node_id, session, count(*), count(distinct seq), min(seq), max(seq) "
-                        "from node_metrics group by node_id, session"
+                        "select node_id, session, count(*), count(distinct seq), "
+                        "min(seq), max(seq) from node_metrics group by node_id, session"
                     )
                 )
             }
@@ -270,15 +271,17 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
                 r[0]: (r[1], r[2])
                 for r in conn.execute(
                     sa.text(
-                        "select command_id, target_node_id, status from commands where issuer='soak'"
+                        "select command_id, target_node_id, status from commands "
+                        "where issuer='soak'"
                     )
                 )
             }
             results = {}
             for r in conn.execute(
                 sa.text(
-                    "select r.command_id, count(*), max(r.exit_code), max(r.stdout) from command_results r "
-                    "join commands c on c.command_id = r.command_id where c.issuer='soak' group by r.command_id"
+                    "select r.command_id, count(*), max(r.exit_code), max(r.stdout) "
+                    "from command_results r join commands c on c.command_id = r.command_id "
+                    "where c.issuer='soak' group by r.command_id"
                 )
             ):
                 results[r[0]] = (r[1], r[2], r[3])
@@ -297,7 +300,8 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
     stored_sim = sum(v[0] for k, v in groups.items() if k[0].startswith("sim-"))
     if bad_groups or extra:
         problems.append(
-            f"{len(bad_groups)} simulated (node, session) groups differ from the ledger, {len(extra)} unknown; e.g. {bad_groups[:3]}"
+            f"{len(bad_groups)} simulated (node, session) groups differ from the ledger, "
+            f"{len(extra)} unknown; e.g. {bad_groups[:3]}"
         )
     # Metrics of real agents: every session's seq contiguous from 0, none twice.
     agent_groups = {k: v for k, v in groups.items() if k[0] in agent_ids}
@@ -330,12 +334,16 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one scenario, told in order
 
     st = ledger["stats"]
     print(
-        f"\nsoak {args.duration:.0f}s on {args.db}: {args.nodes} simulated nodes + {args.agents} agents; "
-        f"faults: 1 broker restart, 2 collector SIGKILLs, {4 * max(1, args.nodes // 20)} dropped connections\n"
+        f"\nsoak {args.duration:.0f}s on {args.db}: "
+        f"{args.nodes} simulated nodes + {args.agents} agents; "
+        "faults: 1 broker restart, 2 collector SIGKILLs, "
+        f"{4 * max(1, args.nodes // 20)} dropped connections\n"
         f"  metrics: simulated {want} sent / {stored_sim} stored; agents {stored_agents} stored in "
         f"{len(agent_groups)} sessions, {len(gaps)} with gaps\n"
-        f"  commands: {len(expected)} sent, {len(expected) - len(wrong)} with exactly one right result; "
-        f"simulator saw {st['duplicate_commands']} duplicate deliveries, {st['disconnects']} disconnects\n"
+        f"  commands: {len(expected)} sent, "
+        f"{len(expected) - len(wrong)} with exactly one right result; "
+        f"simulator saw {st['duplicate_commands']} duplicate deliveries, "
+        f"{st['disconnects']} disconnects\n"
         f"  nodes: {len(statuses)} in the database, {len(not_offline)} not offline after the stop\n"
         f"  wall time {time.monotonic() - t_begin:.0f}s"
     )
