@@ -109,6 +109,8 @@ def configure_logging(*, verbose: bool, level: int = logging.WARNING) -> None:
         handler.set_name(_HANDLER_NAME)
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else level)
+    # Alembic announces each of its plugins at INFO on every start; only -v wants that.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _one_line(text: str) -> str:
