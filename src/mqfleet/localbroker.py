@@ -114,16 +114,22 @@ def render_local_config(
     return "\n".join(lines) + "\n"
 
 
-def raise_nofile_limit() -> None:
-    """Raise the soft open-files limit to the hard one (run in mosquitto's child).
+def raise_nofile_limit() -> int:
+    """Raise the soft open-files limit to the hard one; return the soft limit in force.
 
     Mosquitto needs one descriptor per client and never raises its own limit: at the
-    usual soft limit of 1024 it silently stops accepting at about 1,016 clients.
+    usual soft limit of 1024 it silently stops accepting at about 1,016 clients (this
+    runs in mosquitto's child before exec). The simulator holds one socket per node.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft
+        return target
+    return soft
 
 
 def find_mosquitto() -> str:
@@ -300,5 +306,3 @@ class LocalBroker:
     def __exit__(self, *_exc: object) -> None:
         """Stop on exit."""
         self.stop()
-
-

@@ -10,7 +10,6 @@ from mqfleet.simulator.fleet import (
     Fleet,
     FleetStats,
     SimulatedNode,
-    raise_fd_limit,
     run_simulator,
 )
 from mqfleet.simulator.values import MetricsModel, SimulatedSample
@@ -25,7 +24,6 @@ __all__ = [
     "MetricsModel",
     "SimulatedNode",
     "SimulatedSample",
-    "raise_fd_limit",
     "run_builtin",
     "run_simulator",
 ]

@@ -27,7 +27,6 @@ import asyncio
 import heapq
 import logging
 import random
-import resource
 import socket
 import time
 from collections import deque
@@ -38,6 +37,7 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from mqfleet import __version__
 from mqfleet.errors import AuthenticationError, ConfigError, MqfleetError, ProtocolError
+from mqfleet.localbroker import raise_nofile_limit
 from mqfleet.loops import run_loops
 from mqfleet.protocol import (
     ERROR_EXPIRED_BEFORE_DELIVERY,
@@ -80,7 +80,6 @@ __all__ = [
     "Fleet",
     "FleetStats",
     "SimulatedNode",
-    "raise_fd_limit",
     "run_simulator",
 ]
 
@@ -109,23 +108,6 @@ EXPIRED_BEFORE_DELIVERY: Final = ERROR_EXPIRED_BEFORE_DELIVERY
 OS_INFO: Final = "Linux (simulated by mqfleet simulate)"
 #: Past this many remembered command ids, the expired ones are forgotten.
 _ACCEPTED_PRUNE_AT: Final = 4096
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft limit of open files to the hard limit; return the new soft limit.
-
-    Each simulated node holds one socket, and the usual soft limit of 1024 would stop the
-    fleet at about a thousand nodes.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            return soft
-        return target
-    return soft
 
 
 @dataclass(slots=True)
@@ -617,7 +599,7 @@ class Fleet:
         """
         self._loop = asyncio.get_running_loop()
         self._fatal = self._loop.create_future()
-        limit = raise_fd_limit()
+        limit = raise_nofile_limit()
         needed = len(self.node_ids) + _SPARE_FDS
         if limit < needed:
             raise ConfigError(
