@@ -9,6 +9,7 @@ welcome); ``secure_mosquitto`` runs the production settings (accounts + ACL).
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.client import CallbackAPIVersion, Client
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from mqfleet.localbroker import LocalBroker
+from mqfleet.localbroker import LocalBroker, free_port
 from mqfleet.protocol import CommandRequest, decode_command, encode
 from mqfleet.security import (
     COLLECTOR_ACCOUNT,
@@ -281,3 +282,31 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         return load_settings(**overrides)
 
     return factory
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """The shipped TLS listener example, pointed at test certificates and a free port."""
+
+    extra_config: str  # append to a LocalBroker's config
+    port: int
+    ca_file: Path
+
+
+@pytest.fixture
+def tls_listener(tmp_path: Path) -> TlsListener:
+    """Certificates made by broker/make-certs.sh and broker/secure.conf.example for them."""
+    repo = Path(__file__).resolve().parents[1]
+    certs = tmp_path / "certs"
+    subprocess.run(
+        ["sh", str(repo / "broker" / "make-certs.sh"), str(certs), "localhost", "127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    # The shipped example, with its paths and port pointed at this test's files, goes on
+    # top of the shipped config (authentication on, password file and ACL in the data dir).
+    example = (repo / "broker" / "secure.conf.example").read_text()
+    example = example.replace("/etc/mosquitto/mqfleet/certs/", f"{certs}/")
+    example = example.replace("listener 8883", f"listener {port} 127.0.0.1")
+    return TlsListener(extra_config="\n" + example, port=port, ca_file=certs / "ca.crt")

@@ -8,7 +8,6 @@ import contextlib
 import gc
 import json
 import stat
-import subprocess
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,16 +16,13 @@ import pytest
 
 from mqfleet.agent import run_agent
 from mqfleet.errors import AuthenticationError
-from mqfleet.localbroker import LocalBroker, free_port
+from mqfleet.localbroker import LocalBroker
 from mqfleet.security import OPERATOR_ACCOUNT, PasswordFile, add_account, generate_token
 from mqfleet.security.signing import load_public_key
 from mqfleet.settings import BrokerAddress, load_settings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def mode(path: Path) -> int:
@@ -236,19 +232,13 @@ async def test_a_signed_run_through_a_real_agent_succeeds(
 
 # -- TLS -------------------------------------------------------------------------------
 @pytest.fixture
-def tls_broker(tmp_path: Path) -> AsyncIterator[tuple[LocalBroker, int, Path, dict[str, str]]]:
+def tls_broker(
+    tmp_path: Path, tls_listener
+) -> AsyncIterator[tuple[LocalBroker, int, Path, dict[str, str]]]:
     """The shipped config + the shipped TLS listener example, certificates by make-certs.sh."""
-    certs = tmp_path / "certs"
-    subprocess.run(
-        ["sh", str(REPO / "broker" / "make-certs.sh"), str(certs), "localhost", "127.0.0.1"],
-        check=True,
-        capture_output=True,
+    broker = LocalBroker(
+        data_dir=tmp_path / "tls-mosquitto", extra_config=tls_listener.extra_config
     )
-    tls_port = free_port()
-    example = (REPO / "broker" / "secure.conf.example").read_text()
-    example = example.replace("/etc/mosquitto/mqfleet/certs/", f"{certs}/")
-    example = example.replace("listener 8883", f"listener {tls_port} 127.0.0.1")
-    broker = LocalBroker(data_dir=tmp_path / "tls-mosquitto", extra_config="\n" + example)
     broker.data_dir.mkdir(parents=True)
     from mqfleet.security import render_acl  # noqa: PLC0415
 
@@ -258,7 +248,7 @@ def tls_broker(tmp_path: Path) -> AsyncIterator[tuple[LocalBroker, int, Path, di
         add_account(broker.password_file, name, token)
     broker.start()
     try:
-        yield broker, tls_port, certs / "ca.crt", tokens
+        yield broker, tls_listener.port, tls_listener.ca_file, tokens
     finally:
         broker.stop()
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from mqfleet.localbroker import LocalBroker, free_port
+from mqfleet.localbroker import LocalBroker
 from mqfleet.security import PasswordFile, generate_token, render_acl
 from mqfleet.settings import load_settings
 from mqfleet.transport import tls_context
@@ -23,25 +22,11 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
-def tls_broker(tmp_path: Path) -> Iterator[tuple[LocalBroker, int, Path, str]]:
+def tls_broker(tmp_path: Path, tls_listener) -> Iterator[tuple[LocalBroker, int, Path, str]]:
     """Mosquitto with an authenticated TLS listener on a free port; yields the CA file."""
-    certs = tmp_path / "certs"
-    subprocess.run(
-        ["sh", str(REPO / "broker" / "make-certs.sh"), str(certs), "localhost", "127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
-    tls_port = free_port()
-    # The shipped example, with its paths and port pointed at this test's files, on top
-    # of the shipped config (authentication on, password file and ACL in the data dir).
-    example = (REPO / "broker" / "secure.conf.example").read_text()
-    example = example.replace("/etc/mosquitto/mqfleet/certs/", f"{certs}/")
-    example = example.replace("listener 8883", f"listener {tls_port} 127.0.0.1")
-    broker = LocalBroker(data_dir=tmp_path / "mosquitto", extra_config="\n" + example)
+    broker = LocalBroker(data_dir=tmp_path / "mosquitto", extra_config=tls_listener.extra_config)
     token = generate_token()
     pwfile = PasswordFile()
     pwfile.set_password("node-a", token)
@@ -49,7 +34,7 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[LocalBroker, int, Path, str]]:
     broker.acl_file.write_text(render_acl())
     broker.start()
     try:
-        yield broker, tls_port, certs / "ca.crt", token
+        yield broker, tls_listener.port, tls_listener.ca_file, token
     finally:
         broker.stop()
 
