@@ -45,7 +45,7 @@ def test_precedence_flag_over_env_over_toml_over_default(
     config = write_toml(
         tmp_path / "c.toml",
         'node_id = "from-toml"\nmetrics_interval_s = 5\ntopic_prefix = "acme/v1"\n'
-        'retention_days = 7\n',
+        "retention_days = 7\n",
     )
     monkeypatch.setenv("MQFLEET_NODE_ID", "from-env")
     monkeypatch.setenv("MQFLEET_METRICS_INTERVAL_S", "2.5")

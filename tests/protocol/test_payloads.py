@@ -276,4 +276,3 @@ def test_utc_now_is_aware_utc() -> None:
     assert now.tzinfo is not None
     assert now.utcoffset() == timedelta(0)
     assert abs(now - datetime.now(UTC)) < timedelta(minutes=1)
-
