@@ -214,9 +214,13 @@ async def test_on_start_failure_kills_the_command_and_propagates(tmp_path: Path)
     def explode(_started_at: object) -> None:
         raise RuntimeError("outbox is broken")
 
+    # Written by rename, so the file either holds the whole pid or does not exist: the
+    # shell can be killed between the redirection and the write.
     with pytest.raises(RuntimeError, match="outbox is broken"):
         await executor().run(
-            f"echo $$ > {pid_file}; exec sleep 300", timeout_s=300, on_start=explode
+            f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; exec sleep 300",
+            timeout_s=300,
+            on_start=explode,
         )
     if pid_file.exists():  # the shell may not have got that far
         await wait_until(lambda: is_gone(int(pid_file.read_text())))
