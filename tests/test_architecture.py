@@ -53,7 +53,7 @@ NEVER_IMPORTS: dict[str, set[str]] = {
     "security": {"sqlalchemy", "sqlmodel", "alembic", "psycopg", "aiomqtt", "paho"},
 }
 #: The only third-party packages the wire protocol may use.
-PROTOCOL_THIRD_PARTY = {"pydantic", "pydantic_core", "typing_extensions"}
+PROTOCOL_THIRD_PARTY = {"msgspec"}
 #: Components the CLI may import only inside functions (keeps start-up lean, and
 #: ``mqfleet nodes`` on a server never loads the agent).
 CLI_LAZY_ONLY = {"agent", "collector", "simulator"}
@@ -195,7 +195,7 @@ def test_forbidden_third_party_imports(owner: str) -> None:
     assert bad == []
 
 
-def test_protocol_depends_only_on_pydantic_and_the_stdlib() -> None:
+def test_protocol_depends_only_on_msgspec_and_the_stdlib() -> None:
     bad = [
         str(i)
         for i in IMPORTS

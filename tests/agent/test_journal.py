@@ -6,6 +6,7 @@ import os
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 
 from mqfleet.agent.journal import CommandJournal, JournalEntry, ResultOutbox
@@ -111,7 +112,7 @@ def test_a_partially_written_temp_file_is_ignored_and_removed(tmp_path: Path) ->
     journal.record(entry("c-1"))
     # What a crash in the middle of record() leaves: a temp file, never renamed.
     torn = tmp_path / "journal" / ".c-2.json.tmp"
-    torn.write_bytes(entry("c-2").model_dump_json().encode()[:40])
+    torn.write_bytes(msgspec.json.encode(entry("c-2"))[:40])
     reopened = CommandJournal(tmp_path / "journal")
     assert "c-2" not in reopened
     assert "c-1" in reopened

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
+import msgspec
 import pytest
 
 from mqfleet.errors import ProtocolError
@@ -38,7 +39,7 @@ def sample_metrics(**changes: object) -> MetricsReport:
         "load_average": 0.42,
     }
     fields.update(changes)
-    return MetricsReport.model_validate(fields)
+    return msgspec.convert(fields, MetricsReport)
 
 
 def test_metrics_round_trip() -> None:
