@@ -82,7 +82,8 @@ def _always_encoded(value: _T) -> _T:
     ``encode`` leaves out the optional fields that are ``None``: the structs set
     ``omit_defaults``, which omits a value that *is* its field's static default. A default
     made by a factory is never omitted (msgspec docs, "Omitting Default Values"), so
-    ``v``, the outputs and the flags are always on the wire, as docs/PROTOCOL.md shows.
+    ``v``, the outputs and the flags are always on the wire, as docs/PROTOCOL.md shows
+    (tests/protocol/test_codec.py pins the bytes).
     """
     return msgspec.field(default_factory=lambda: value)
 
