@@ -26,6 +26,7 @@ from mqfleet.protocol import (
     CommandFinished,
     CommandRequest,
     CommandStarted,
+    decode_command,
     decode_result,
     encode,
     utc_now,
@@ -222,7 +223,7 @@ async def test_a_command_that_expires_while_queued_is_not_run_late(
     async with serving(service, publish):
         service.accept(command("c-1", f"while [ ! -e {gate} ]; do sleep 0.02; done"))
         late = command("c-2", f"touch {marker}", expires_in=timedelta(seconds=2))
-        expires_at = CommandRequest.model_validate_json(late).expires_at
+        expires_at = decode_command(late).expires_at
         service.accept(late)
         await wait_until(lambda: utc_now() > expires_at)
         gate.touch()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 
 from mqfleet.agent.journal import CommandJournal, JournalEntry, ResultOutbox
@@ -13,7 +14,6 @@ from mqfleet.errors import AgentStateError
 from mqfleet.protocol import CommandRequest, utc_now
 
 if TYPE_CHECKING:
-    from datetime import datetime
     from pathlib import Path
 
 
@@ -111,11 +111,71 @@ def test_a_partially_written_temp_file_is_ignored_and_removed(tmp_path: Path) ->
     journal.record(entry("c-1"))
     # What a crash in the middle of record() leaves: a temp file, never renamed.
     torn = tmp_path / "journal" / ".c-2.json.tmp"
-    torn.write_bytes(entry("c-2").model_dump_json().encode()[:40])
+    torn.write_bytes(msgspec.json.encode(entry("c-2"))[:40])
     reopened = CommandJournal(tmp_path / "journal")
     assert "c-2" not in reopened
     assert "c-1" in reopened
     assert not torn.exists()
+
+
+def test_entries_written_before_msgspec_still_load(tmp_path: Path) -> None:
+    # What the pydantic JournalEntry wrote (mqfleet 0.1.0): every None as null, inside the
+    # request too. An upgraded agent must still know these ids.
+    directory = tmp_path / "journal"
+    directory.mkdir(mode=0o700)
+    (directory / "c1.json").write_bytes(
+        b'{"command_id":"c1","state":"accepted","expires_at":"2024-05-01T12:00:00Z",'
+        b'"accepted_at":"2024-05-01T12:00:00Z","started_at":null,"request":{"v":1,'
+        b'"command_id":"c1","node_id":"n","command_text":"x","timeout_s":60.0,'
+        b'"created_at":"2024-05-01T12:00:00Z","expires_at":"2024-05-01T12:00:00Z",'
+        b'"issuer":"a","batch_id":null,"signature":null}}'
+    )
+    loaded = CommandJournal(directory).get("c1")
+    assert loaded is not None
+    assert loaded.request is not None
+    assert (loaded.state, loaded.request.command_text, loaded.request.signature) == (
+        "accepted",
+        "x",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        # An accepted entry needs its request.
+        (
+            b'{"command_id":"c1","state":"accepted","expires_at":"2024-05-01T12:00:00Z",'
+            b'"accepted_at":"2024-05-01T12:00:00Z"}'
+        ),
+        # A naive time.
+        (
+            b'{"command_id":"c1","state":"done","expires_at":"2024-05-01T12:00:00",'
+            b'"accepted_at":"2024-05-01T12:00:00Z"}'
+        ),
+        (
+            b'{"command_id":"c1","state":"done","expires_at":"2024-05-01T12:00:00Z",'
+            b'"accepted_at":"2024-05-01T12:00:00Z","extra":1}'
+        ),
+    ],
+    ids=["no-request", "naive", "unknown-field"],
+)
+def test_an_invalid_entry_is_set_aside(tmp_path: Path, bad: bytes) -> None:
+    directory = tmp_path / "journal"
+    directory.mkdir(mode=0o700)
+    (directory / "c1.json").write_bytes(bad)
+    assert "c1" not in CommandJournal(directory)
+    assert (directory / "c1.json.corrupt").exists()
+
+
+def test_naive_times_are_refused_from_python_too() -> None:
+    with pytest.raises(ValueError, match="expires_at must carry a UTC offset"):
+        JournalEntry(
+            command_id="c1",
+            state="done",
+            expires_at=datetime(2024, 5, 1, 12, 0),  # noqa: DTZ001 - the point of the test
+            accepted_at=utc_now(),
+        )
 
 
 def test_a_corrupt_entry_is_set_aside_without_stopping_the_agent(

@@ -6,6 +6,7 @@ import threading
 from datetime import UTC, datetime
 from typing import NamedTuple
 
+import msgspec
 import pytest
 
 from mqfleet.agent.probes import (
@@ -87,7 +88,8 @@ def test_recorded_values_become_a_report():
     assert source.disk_paths == ["/var"]
     ts = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     report = sample.to_report(node_id="web-1", session=3, seq=9, ts=ts)
-    assert report.model_dump(exclude={"v"}) == {
+    assert msgspec.structs.asdict(report) == {
+        "v": 1,
         "node_id": "web-1",
         "session": 3,
         "seq": 9,

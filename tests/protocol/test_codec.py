@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
+import msgspec
 import pytest
 
 from mqfleet.errors import ProtocolError
@@ -38,7 +39,7 @@ def sample_metrics(**changes: object) -> MetricsReport:
         "load_average": 0.42,
     }
     fields.update(changes)
-    return MetricsReport.model_validate(fields)
+    return msgspec.convert(fields, MetricsReport)
 
 
 def test_metrics_round_trip() -> None:
@@ -186,6 +187,9 @@ def test_a_big_result_at_the_output_cap_still_decodes() -> None:
         b'{"v":2,"node_id":"n","status":"offline","session":1}',
         b'{"v":1,"node_id":"n","status":"offline","session":1,"extra":true}',
         b'{"v":1,"node_id":"n/x","status":"offline","session":1}',
+        b'{"v":1,"node_id":"n\\n","status":"offline","session":1}',
+        b'{"v":1,"node_id":"n","status":"offline","session":true}',
+        b'{"v":1,"node_id":"n","status":"offline","session":"1"}',
         b'{"v":1,"node_id":"n","status":"offline","session":1,"ts":"2024-05-01T12:00:00"}',
     ],
 )
@@ -211,6 +215,131 @@ def test_error_messages_do_not_echo_multiline_input() -> None:
 def test_many_errors_are_summarised() -> None:
     with pytest.raises(ProtocolError, match=r"\(\+\d+ more\)"):
         decode_metrics(b'{"v":1}')
+    with pytest.raises(ProtocolError) as info:
+        decode_metrics(b'{"v":1}')
+    assert str(info.value) == (
+        "invalid metrics payload: missing required fields `node_id`, `session`, `seq` (+5 more)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b'{"v":1,"node_id":"n","status":"offline","session":1,"cpu_usge":1}', "unknown field"),
+        (b'{"v":1,"node_id":"n","status":"offline","session":"1"}', "`$.session`"),
+        (b'{"v":1,"node_id":"n","status":"online","session":1}', "online status needs ts"),
+        (b'{"v":1,"node_id":"n","status":"offline","session":1,"ts":"2024-05-01T12"}', "RFC3339"),
+        (
+            b'{"v":1,"node_id":"n","status":"offline","session":1,"ts":"2024-05-01T12:00:00"}',
+            "with a timezone",
+        ),
+        (b'{"v":2,"node_id":"n","status":"offline","session":1}', "`$.v`"),
+        (b"not json", "malformed"),
+    ],
+)  # fmt: skip
+def test_refusals_say_why(payload: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=r"^invalid status payload: ") as info:
+        decode_status(payload)
+    assert reason in str(info.value)
+
+
+def test_a_bad_result_is_judged_by_the_model_its_status_names() -> None:
+    running = b'{"v":1,"command_id":"c","node_id":"n","status":"running"}'
+    with pytest.raises(ProtocolError, match="missing required field `started_at`"):
+        decode_result(running)
+    finished = b'{"v":1,"command_id":"c","node_id":"n","status":"failed","exit_code":"1"}'
+    with pytest.raises(ProtocolError, match=r"got `str` - at `\$.exit_code`"):
+        decode_result(finished)
+    with pytest.raises(ProtocolError, match="missing required field `status`"):
+        decode_result(b'{"v":1,"command_id":"c","node_id":"n"}')
+
+
+# What encode() wrote with the pydantic models (mqfleet 0.1.0): receivers, stored commands
+# and signatures may depend on these exact bytes.
+LOCAL = datetime(2024, 5, 1, 14, 0, 0, 250000, tzinfo=timezone(timedelta(hours=2)))
+NOON = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+ENCODED = [
+    (
+        StatusReport(
+            node_id="web-01", status="online", session=7, ts=LOCAL,
+            hostname="web-01.example.com", ip_address="10.0.0.5", os_info="Linux",
+            agent_version="0.1.0", interval_s=10,
+        ),
+        (
+            b'{"v":1,"node_id":"web-01","status":"online","session":7,'
+            b'"ts":"2024-05-01T12:00:00.250000Z","hostname":"web-01.example.com",'
+            b'"ip_address":"10.0.0.5","os_info":"Linux","agent_version":"0.1.0","interval_s":10.0}'
+        ),
+    ),
+    (
+        StatusReport(node_id="web-01", status="offline", session=7, reason="connection lost"),
+        b'{"v":1,"node_id":"web-01","status":"offline","session":7,"reason":"connection lost"}',
+    ),
+    (
+        MetricsReport(
+            node_id="web-01", session=7, seq=42, ts=NOON, cpu_usage=12, memory_usage=40.1,
+            disk_usage=100, load_average=0,
+        ),
+        (
+            b'{"v":1,"node_id":"web-01","session":7,"seq":42,"ts":"2024-05-01T12:00:00Z",'
+            b'"cpu_usage":12.0,"memory_usage":40.1,"disk_usage":100.0,"load_average":0.0}'
+        ),
+    ),
+    (
+        CollectorStatus(status="online", collector_id="c", ts=NOON),
+        b'{"v":1,"status":"online","collector_id":"c","ts":"2024-05-01T12:00:00Z"}',
+    ),
+    (
+        CommandRequest(
+            command_id="c1", node_id="n", command_text="echo 'h\u00e9llo' \"q\" \\ \x01",
+            timeout_s=60, created_at=NOON, expires_at=LOCAL, issuer="alice", batch_id="b1",
+            signature="k:abc=",
+        ),
+        (
+            b'{"v":1,"command_id":"c1","node_id":"n",'
+            b'"command_text":"echo \'h\xc3\xa9llo\' \\"q\\" \\\\ \\u0001","timeout_s":60.0,'
+            b'"created_at":"2024-05-01T12:00:00Z","expires_at":"2024-05-01T12:00:00.250000Z",'
+            b'"issuer":"alice","batch_id":"b1","signature":"k:abc="}'
+        ),
+    ),
+    (
+        CommandStarted(command_id="c1", node_id="n", status="running", started_at=LOCAL),
+        (
+            b'{"v":1,"command_id":"c1","node_id":"n","status":"running",'
+            b'"started_at":"2024-05-01T12:00:00.250000Z"}'
+        ),
+    ),
+    (
+        CommandFinished(
+            command_id="c1", node_id="n", status="timeout", completed_at=NOON,
+            error="expired before delivery",
+        ),
+        (
+            b'{"v":1,"command_id":"c1","node_id":"n","status":"timeout",'
+            b'"completed_at":"2024-05-01T12:00:00Z","stdout":"","stderr":"","execution_time_ms":0,'
+            b'"stdout_truncated":false,"stderr_truncated":false,"error":"expired before delivery"}'
+        ),
+    ),
+    (
+        CommandFinished(
+            command_id="c1", node_id="n", status="success", started_at=NOON, completed_at=LOCAL,
+            exit_code=0, stdout="ok\n\u2028\U0001f600", stderr="", execution_time_ms=15,
+            stdout_truncated=True,
+        ),
+        (
+            b'{"v":1,"command_id":"c1","node_id":"n","status":"success",'
+            b'"started_at":"2024-05-01T12:00:00Z","completed_at":"2024-05-01T12:00:00.250000Z",'
+            b'"exit_code":0,"stdout":"ok\\n\xe2\x80\xa8\xf0\x9f\x98\x80","stderr":"",'
+            b'"execution_time_ms":15,"stdout_truncated":true,"stderr_truncated":false}'
+        ),
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("payload", "expected"), ENCODED, ids=lambda p: type(p).__name__)
+def test_encoded_bytes_are_unchanged(payload: object, expected: bytes) -> None:
+    # Only None is left out: v, empty outputs, zero and false flags are always written.
+    assert encode(payload) == expected  # type: ignore[arg-type]
 
 
 def test_truncate_for_log() -> None:

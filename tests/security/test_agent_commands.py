@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -152,11 +153,11 @@ def unsigned(req: CommandRequest, _key) -> bytes:
 
 def altered(req: CommandRequest, key) -> bytes:
     signed = key.sign(req)
-    return encode(signed.model_copy(update={"command_text": signed.command_text + "; true"}))
+    return encode(msgspec.structs.replace(signed, command_text=signed.command_text + "; true"))
 
 
 def malformed(req: CommandRequest, _key) -> bytes:
-    return encode(req.model_copy(update={"signature": "not-a-signature"}))
+    return encode(msgspec.structs.replace(req, signature="not-a-signature"))
 
 
 @pytest.mark.parametrize(

@@ -33,16 +33,15 @@ import logging
 import os
 from collections import deque
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING, Final, Literal
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, model_validator
+import msgspec
 
 from mqfleet.errors import AgentStateError
-from mqfleet.protocol import CommandRequest  # noqa: TC001 - pydantic needs it at runtime
+from mqfleet.protocol import CommandRequest  # noqa: TC001 - msgspec needs it at runtime
 
 if TYPE_CHECKING:
-    from datetime import datetime
     from pathlib import Path
 
 __all__ = [
@@ -67,25 +66,41 @@ _CORRUPT_SUFFIX: Final = ".corrupt"
 JournalState = Literal["accepted", "running", "done"]
 
 
-class JournalEntry(BaseModel):
-    """What the agent remembers of one command id until it expires."""
+#: An aware datetime: decoding refuses one without an offset, ``__post_init__`` too.
+_AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class JournalEntry(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """What the agent remembers of one command id until it expires."""
 
     command_id: str
     state: JournalState
-    expires_at: AwareDatetime
-    accepted_at: AwareDatetime
-    started_at: AwareDatetime | None = None
+    expires_at: _AwareDatetime
+    accepted_at: _AwareDatetime
+    started_at: _AwareDatetime | None = None
     #: Kept while the command waits, so a restart can queue it again.
     request: CommandRequest | None = None
 
-    @model_validator(mode="after")
-    def _accepted_keeps_request(self) -> JournalEntry:
+    def __post_init__(self) -> None:
+        """Refuse naive times and an accepted entry without its request.
+
+        msgspec runs this after ``__init__`` and after decoding a file.
+        """
+        for name, value in (
+            ("expires_at", self.expires_at),
+            ("accepted_at", self.accepted_at),
+            ("started_at", self.started_at),
+        ):
+            if value is not None and value.utcoffset() is None:
+                msg = f"{name} must carry a UTC offset (a naive time is refused)"
+                raise ValueError(msg)
         if self.state == "accepted" and self.request is None:
             msg = "an accepted entry needs its request"
             raise ValueError(msg)
-        return self
+
+
+_ENTRY_DECODER: Final = msgspec.json.Decoder(JournalEntry)
+_ENCODER: Final = msgspec.json.Encoder()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -157,8 +172,8 @@ class CommandJournal:
         self._entries: dict[str, JournalEntry] = {}
         for path in _prepare_dir(directory):
             try:
-                entry = JournalEntry.model_validate_json(path.read_bytes())
-            except (OSError, ValidationError) as exc:
+                entry = _ENTRY_DECODER.decode(path.read_bytes())
+            except (OSError, msgspec.DecodeError) as exc:  # includes ValidationError
                 _quarantine(path, exc)
                 continue
             if path.name != _file_name(entry.command_id):
@@ -189,7 +204,7 @@ class CommandJournal:
         power loss too.
         """
         try:
-            data = entry.model_dump_json().encode()
+            data = _ENCODER.encode(entry)
             _write_atomic(self._dir / _file_name(entry.command_id), data, durable=durable)
         except OSError as exc:
             raise AgentStateError(

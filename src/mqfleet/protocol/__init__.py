@@ -1,6 +1,6 @@
 """Wire protocol v1 of mqfleet: topics, payload models, encode/decode.
 
-Everything that goes on the wire goes through this package; it depends on pydantic only.
+Everything that goes on the wire goes through this package; it depends on msgspec only.
 See docs/PROTOCOL.md for the contract in prose.
 """
 

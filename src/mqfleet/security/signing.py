@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
+import msgspec
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -226,7 +227,7 @@ def signature_for(request: CommandRequest, private_key: Ed25519PrivateKey) -> st
 
 def sign_command(request: CommandRequest, private_key: Ed25519PrivateKey) -> CommandRequest:
     """Return a copy of ``request`` carrying its signature (any previous one is replaced)."""
-    return request.model_copy(update={"signature": signature_for(request, private_key)})
+    return msgspec.structs.replace(request, signature=signature_for(request, private_key))
 
 
 def _refuse(reason: RefusalReason, message: str, request: CommandRequest) -> CommandRefusedError:

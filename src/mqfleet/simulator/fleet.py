@@ -31,7 +31,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -497,7 +497,9 @@ class SimulatedNode:
         stderr: str,
     ) -> None:
         completed = utc_now()
-        status = "timeout" if exit_code is None else "success" if exit_code == 0 else "failed"
+        status: Literal["success", "failed", "timeout"] = (
+            "timeout" if exit_code is None else "success" if exit_code == 0 else "failed"
+        )
         self._publish_result(
             CommandFinished(
                 command_id=request.command_id,
