@@ -244,15 +244,9 @@ def test_cli_imports_agent_and_collector_only_inside_functions() -> None:
         ("mqfleet.agent", ["sqlalchemy", "sqlmodel", "alembic", "mqfleet.store"]),
         ("mqfleet.protocol", ["sqlalchemy", "aiomqtt", "paho", "click", "psutil"]),
         ("mqfleet", ["sqlalchemy", "pydantic", "aiomqtt"]),
-        ("mqfleet.settings", ["pydantic_settings", "sqlalchemy", "aiomqtt", "paho", "click"]),
-        pytest.param(
+        (
             "mqfleet.settings",
-            ["pydantic"],
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="mqfleet.protocol still imports pydantic (payloads, codec) until its "
-                "msgspec port lands: then this passes, and strict makes the leftover mark fail",
-            ),
+            ["pydantic", "pydantic_settings", "sqlalchemy", "aiomqtt", "paho", "click"],
         ),
     ],
 )
@@ -305,27 +299,10 @@ def test_the_protocol_and_the_journal_do_not_load_pydantic(code: str, module: st
 
 
 def test_the_agent_does_not_load_pydantic() -> None:
+    # msgspec carries the protocol and the settings: pydantic (SQLModel's) is for the
+    # collector and the store only, and would cost the agent ~10 MiB (issue 5).
     loaded = loaded_by("import mqfleet.agent", PYDANTIC)
-    if loaded and loaded_by("import mqfleet.settings", PYDANTIC):
-        # TODO: a strict assert once mqfleet.settings is off pydantic (ported separately).
-        pytest.xfail("mqfleet.settings, which the agent needs, still loads pydantic")
     assert loaded == [], f"importing mqfleet.agent loads {','.join(loaded)}"
-
-
-def test_settings_add_no_pydantic_to_what_protocol_loads() -> None:
-    # Holds even while the protocol models are pydantic: whatever settings adds on top of
-    # mqfleet.protocol is pydantic-free.
-    code = (
-        "import sys, mqfleet.protocol\n"
-        "before = set(sys.modules)\n"
-        "import mqfleet.settings\n"
-        "print(','.join(sorted(m for m in set(sys.modules) - before if 'pydantic' in m)))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"mqfleet.settings loads {result.stdout.strip()}"
 
 
 def test_lazy_imports_are_told_apart() -> None:
