@@ -50,13 +50,23 @@ def utc_value(value: str | datetime | None) -> datetime | None:
     """Return a stored ``UTCDateTime`` value as an aware UTC datetime (None stays None).
 
     SQLite keeps naive UTC text (``2026-11-30 12:00:00.000000``, or without the
-    microseconds when the database's ``CURRENT_TIMESTAMP`` default wrote it), parsed
-    with ``fromisoformat`` as SQLAlchemy's SQLite dialect does; psycopg gives aware
-    datetimes in the session's time zone.
+    microseconds when the database's ``CURRENT_TIMESTAMP`` default wrote it), which
+    SQLAlchemy reads with ``fromisoformat`` and UTCDateTime marks as UTC; psycopg gives
+    aware datetimes in the session's time zone, which UTCDateTime converts to UTC.
     """
     if value is None:
         return None
     if isinstance(value, str):
+        # fromisoformat + replace(tzinfo=UTC) in one step: the same datetime, and several
+        # times faster over the 30,000 times of `mqfleet nodes`. Text with an offset of
+        # its own fails to parse, and a date alone comes back naive: both take the slow
+        # path.
+        try:
+            parsed = datetime.fromisoformat(value + "+00:00")
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is UTC:
+            return parsed
         value = datetime.fromisoformat(value)
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
