@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -55,6 +57,10 @@ NEVER_IMPORTS: dict[str, set[str]] = {
     # Nothing in security talks to the network or the database (its docstring's promise).
     "security": {"sqlalchemy", "sqlmodel", "alembic", "psycopg", "aiomqtt", "paho"},
 }
+#: Modules of the CLI's read path (issue 5: `mqfleet nodes` in 300 ms, `run` in 250 ms):
+#: they talk to sqlite3/psycopg directly, as ``import sqlalchemy`` alone costs ~150 ms.
+READ_PATH = ("mqfleet.store.queries", "mqfleet.store.reader", "mqfleet.store.urls")
+READ_PATH_NEVER_IMPORTS = {"sqlalchemy", "sqlmodel", "alembic"}
 #: The only third-party packages the wire protocol may use.
 PROTOCOL_THIRD_PARTY = {"msgspec"}
 #: Components the CLI may import only inside functions (keeps start-up lean, and
@@ -198,6 +204,60 @@ def test_forbidden_third_party_imports(owner: str) -> None:
     assert bad == []
 
 
+def test_the_read_path_never_imports_sqlalchemy() -> None:
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if i.importer in READ_PATH
+        and (
+            i.target.split(".")[0] in READ_PATH_NEVER_IMPORTS
+            or (i.target.startswith("mqfleet.store.") and i.target not in READ_PATH)
+        )
+    ]
+    assert bad == []
+
+
+def test_the_read_commands_never_load_sqlalchemy(tmp_path: Path) -> None:
+    # Transitive imports count: run `mqfleet nodes` and `run`'s target lookup for real,
+    # on a SQLite database with a node, in a fresh interpreter.
+    database = tmp_path / "fleet.db"
+    with sqlite3.connect(database) as conn:
+        conn.execute("CREATE TABLE nodes (node_id, hostname, ip_address, os_info, status,"
+                     " status_reason, last_heartbeat, registered_at, updated_at, session,"
+                     " interval_s, agent_version)")  # fmt: skip
+        conn.execute("INSERT INTO nodes VALUES ('web-1', 'h', '10.0.0.1', NULL, 'online',"
+                     " NULL, '2026-01-01 00:00:00.000000', '2026-01-01 00:00:00',"
+                     " '2026-01-01 00:00:00', 1, 10.0, '0.1')")  # fmt: skip
+    conn.close()
+    url = f"sqlite:///{database}"
+    code = (
+        "import sys\n"
+        "from mqfleet.cli import main\n"
+        f"sys.argv = ['mqfleet', '--database', {url!r}, 'nodes', '--json']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "from mqfleet.cli.run import _resolve_targets\n"
+        "from mqfleet.settings import load_settings\n"
+        f"settings = load_settings(database_url={url!r})\n"
+        "targets = _resolve_targets(settings, [], all_nodes=False, pattern='web-*')\n"
+        "assert [t.node_id for t in targets] == ['web-1'], targets\n"
+        f"bad = [m for m in {sorted(READ_PATH_NEVER_IMPORTS)!r} if m in sys.modules]\n"
+        "print('loaded:', ','.join(bad))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MQFLEET_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60,
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert '"node_id": "web-1"' in result.stdout
+    loaded = result.stdout.splitlines()[-1]
+    assert loaded == "loaded: ", f"the read commands {loaded}"
+
+
 def test_protocol_depends_only_on_msgspec_and_the_stdlib() -> None:
     bad = [
         str(i)
@@ -248,6 +308,7 @@ def test_cli_imports_agent_and_collector_only_inside_functions() -> None:
             "mqfleet.settings",
             ["pydantic", "pydantic_settings", "sqlalchemy", "aiomqtt", "paho", "click"],
         ),
+        ("mqfleet.store.queries", ["sqlalchemy", "sqlmodel", "psycopg"]),
     ],
 )
 def test_runtime_import_footprint(module: str, forbidden: list[str]) -> None:

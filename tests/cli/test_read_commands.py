@@ -11,6 +11,7 @@ from sqlmodel import Session
 from mqfleet.store.engine import create_store_engine
 from mqfleet.store.models import Command, CommandResult
 from mqfleet.store.queries import get_node, list_metrics, list_nodes
+from mqfleet.store.reader import open_reader
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -37,13 +38,10 @@ def test_nodes_show_metrics_json_match_the_database(
     nodes = invoke(*db, "nodes", "--json")
     assert nodes.exit_code == 0, nodes.stderr
     doc = json.loads(nodes.stdout)
-    engine = create_store_engine(migrated_url)
-    try:
-        stored = list_nodes(engine)
-        detail = get_node(engine, "web-1", metrics_since=stored[0].registered_at.replace(year=2000))
-        samples = list_metrics(engine, "web-1", limit=3)
-    finally:
-        engine.dispose()
+    with open_reader(migrated_url) as reader:
+        stored = list_nodes(reader)
+        detail = get_node(reader, "web-1", metrics_since=stored[0].registered_at.replace(year=2000))
+        samples = list_metrics(reader, "web-1", limit=3)
     assert [n["node_id"] for n in doc["nodes"]] == [n.node_id for n in stored]
     web = doc["nodes"][1]
     assert web["status"] == "online"

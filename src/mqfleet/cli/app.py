@@ -1,9 +1,10 @@
 """The ``mqfleet`` click group: global options, error mapping and the read commands.
 
-Start-up stays lean: SQLAlchemy, aiomqtt and the agent/collector are imported inside the
-commands that need them, so ``mqfleet --help`` and ``mqfleet agent`` never load the
-database layer and ``mqfleet run`` starts fast. The read commands use SQLAlchemy Core only
-(``store.queries``), never SQLModel and the ORM.
+Start-up stays lean: the database drivers, aiomqtt and the agent/collector are imported
+inside the commands that need them, so ``mqfleet --help`` and ``mqfleet agent`` never load
+the database layer and ``mqfleet run`` starts fast. The read commands (and ``run``'s
+target lookup) use ``store.queries`` on ``sqlite3``/psycopg, never SQLAlchemy; only
+``mqfleet db upgrade`` and the collector load it.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ from mqfleet.settings import load_settings
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterator, Sequence
 
-    from sqlalchemy.engine import Engine
-
     from mqfleet.settings import Settings
+    from mqfleet.store.reader import StoreReader
 
 __all__ = ["CliState", "cli", "main", "open_store"]
 
@@ -215,36 +215,18 @@ pass_state = click.make_pass_decorator(CliState)
 
 # -- database access -----------------------------------------------------------------
 @contextmanager
-def open_store(settings: Settings, *, must_exist: bool = True) -> Iterator[Engine]:
-    """Open an engine on the configured database; dispose of it afterwards.
+def open_store(settings: Settings) -> Iterator[StoreReader]:
+    """Open a read connection to the configured database; close it afterwards.
 
-    A missing SQLite file is reported instead of silently created empty: reading an
-    empty new file would only say "no nodes", hiding a wrong ``--database``.
+    The read commands connect with ``sqlite3``/psycopg directly (``store.reader``),
+    never SQLAlchemy, which alone would take longer to import than their queries run. A
+    missing SQLite file is reported instead of silently created empty: reading an empty
+    new file would only say "no nodes", hiding a wrong ``--database``.
     """
-    from mqfleet.store.engine import create_store_engine, normalise_url  # noqa: PLC0415 - lean start-up
+    from mqfleet.store.reader import open_reader  # noqa: PLC0415 - lean start-up
 
-    try:
-        url = normalise_url(settings.database_url)
-    except StoreError as exc:
-        raise ConfigError(str(exc)) from None
-    kwargs: dict[str, Any] = {}
-    if url.get_backend_name() == "sqlite":
-        database = url.database or ""
-        path = Path(database).expanduser()
-        on_disk = database not in {"", ":memory:"} and not database.startswith("file:")
-        if must_exist and on_disk and not path.is_file():
-            raise StoreError(
-                f"database {path} does not exist yet: start 'mqfleet up' or "
-                "'mqfleet collector', or create it with 'mqfleet db upgrade'"
-            )
-    else:
-        # An unreachable host must fail in seconds, not hang on the TCP timeout.
-        kwargs["connect_args"] = {"connect_timeout": _PG_CONNECT_TIMEOUT_S}
-    engine = create_store_engine(settings.database_url, **kwargs)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
+    with open_reader(settings.database_url, connect_timeout_s=_PG_CONNECT_TIMEOUT_S) as reader:
+        yield reader
 
 
 def _emit_json(document: object) -> None:
@@ -272,8 +254,8 @@ def nodes(state: CliState, status: str | None, *, as_json: bool) -> int:
     from mqfleet.store.queries import list_nodes  # noqa: PLC0415 - lean start-up
 
     settings = state.settings()
-    with open_store(settings) as engine:
-        rows = list_nodes(engine, status=status)
+    with open_store(settings) as reader:
+        rows = list_nodes(reader, status=status)
     now = utc_now()
     # The collector marks silent nodes offline; "online" nodes nobody has heard from
     # for long mean no collector is recording. Read from the rows already fetched, so
@@ -299,8 +281,8 @@ def show(state: CliState, node_id: str, *, as_json: bool) -> int:
     node_id = _node_id(node_id)
     settings = state.settings()
     now = utc_now()
-    with open_store(settings) as engine:
-        detail = get_node(engine, node_id, metrics_since=now - _SHOW_WINDOW)
+    with open_store(settings) as reader:
+        detail = get_node(reader, node_id, metrics_since=now - _SHOW_WINDOW)
     warning = render.stale_warning(render.stale_nodes([detail.node], now), now)
     if warning:
         click.echo(f"mqfleet: {warning}", err=True)
@@ -328,8 +310,8 @@ def metrics(
     node_id = _node_id(node_id)
     settings = state.settings()
     now = utc_now()
-    with open_store(settings) as engine:
-        rows = list_metrics(engine, node_id, since=now - since if since else None, limit=limit)
+    with open_store(settings) as reader:
+        rows = list_metrics(reader, node_id, since=now - since if since else None, limit=limit)
     if as_json:
         _emit_json({"node_id": node_id, "metrics": [render.metric_json(m) for m in rows]})
     else:
@@ -364,9 +346,9 @@ def commands(
         node_id = _node_id(node_id)
     settings = state.settings()
     now = utc_now()
-    with open_store(settings) as engine:
+    with open_store(settings) as reader:
         rows = list_commands(
-            engine,
+            reader,
             node_id=node_id,
             status=status,
             since=now - since if since else None,
@@ -389,8 +371,8 @@ def result(state: CliState, command_id: str, *, as_json: bool) -> int:
     from mqfleet.store.queries import get_command  # noqa: PLC0415 - lean start-up
 
     settings = state.settings()
-    with open_store(settings) as engine:
-        detail = get_command(engine, command_id)
+    with open_store(settings) as reader:
+        detail = get_command(reader, command_id)
     if as_json:
         _emit_json(render.command_detail_json(detail))
     else:
@@ -408,11 +390,28 @@ def db() -> None:
 @pass_state
 def db_upgrade(state: CliState) -> int:
     """Create the tables or migrate the database to the newest schema."""
-    from mqfleet.store.engine import describe_url, upgrade  # noqa: PLC0415 - lean start-up
+    from mqfleet.store.engine import (  # noqa: PLC0415 - lean start-up
+        create_store_engine,
+        describe_url,
+        normalise_url,
+        upgrade,
+    )
 
     settings = state.settings()
-    with open_store(settings, must_exist=False) as engine:
+    try:
+        url = normalise_url(settings.database_url)
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
+    kwargs: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql":
+        # An unreachable host must fail in seconds, not hang on the TCP timeout.
+        kwargs["connect_args"] = {"connect_timeout": _PG_CONNECT_TIMEOUT_S}
+    # Unlike the readers, this creates the SQLite file (and its directory) if need be.
+    engine = create_store_engine(settings.database_url, **kwargs)
+    try:
         upgrade(engine)
+    finally:
+        engine.dispose()
     click.echo(f"database {describe_url(settings.database_url)} is up to date")
     return ExitCode.OK
 

@@ -264,21 +264,21 @@ def _resolve_targets(
 ) -> list[NodeRow]:
     from mqfleet.store.queries import list_nodes, match_nodes, nodes_by_id  # noqa: PLC0415
 
-    with open_store(settings) as engine:
+    with open_store(settings) as reader:
         if node_ids:
             wanted = list(dict.fromkeys(node_ids))  # keep order, drop repeats
-            found = nodes_by_id(engine, wanted)
+            found = nodes_by_id(reader, wanted)
             unknown = [n for n in wanted if n not in found]
             if unknown:
                 raise UnknownNodeError(unknown)
             return [found[n] for n in wanted]
         if all_nodes:
-            targets = list_nodes(engine)
+            targets = list_nodes(reader)
             if not targets:
                 raise click.UsageError("the fleet has no nodes yet: nothing to run on")
             return targets
         assert pattern is not None  # noqa: S101 - guaranteed by the option checks
-        targets = match_nodes(engine, pattern)
+        targets = match_nodes(reader, pattern)
         if not targets:
             raise click.UsageError(f"no node matches {pattern!r}")
         return targets

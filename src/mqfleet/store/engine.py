@@ -11,7 +11,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
-from mqfleet.errors import StoreError
+from mqfleet.errors import ConfigError, StoreError
+from mqfleet.store.reader import SQLITE_BUSY_TIMEOUT_MS
+from mqfleet.store.urls import parse_database_url
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Engine
@@ -26,15 +28,16 @@ _MIGRATIONS = Path(__file__).with_name("migrations")
 def normalise_url(url: str) -> URL:
     """Parse a database URL; plain ``postgresql://`` means psycopg 3."""
     try:
+        # The CLI's readers parse URLs without SQLAlchemy: one rule for both of which
+        # databases and drivers mqfleet supports.
+        parse_database_url(url)
         parsed = make_url(url)
+    except ConfigError as exc:
+        raise StoreError(str(exc)) from None
     except ArgumentError as exc:
         raise StoreError(f"invalid database URL {url!r}: {exc}") from None
     if parsed.drivername in {"postgresql", "postgres"}:
         parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() not in {"sqlite", "postgresql"}:
-        raise StoreError(
-            f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql"
-        )
     return parsed
 
 
@@ -51,7 +54,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # noqa: ANN401 - DB
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 

@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-# Defined apart (SQLAlchemy only) so the CLI's read queries need not load SQLModel.
 from mqfleet.store.types import UTCDateTime
 
 __all__ = ["Command", "CommandResult", "Node", "NodeMetric", "UTCDateTime", "metadata"]

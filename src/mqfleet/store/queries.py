@@ -2,31 +2,31 @@
 
 Every query is shaped for a fleet of 10,000 nodes and tens of millions of metric rows:
 metrics are read newest first through the ``(node_id, metric_time)`` index with a
-``LIMIT``; per-node lookups go through the unique keys. Database errors become
-:class:`~mqfleet.errors.StoreError` with a one-line message.
+``LIMIT``; per-node lookups go through the unique keys. The SQL is plain text, one
+definition per query for SQLite and PostgreSQL alike, run by a
+:class:`~mqfleet.store.reader.StoreReader` (``sqlite3`` or psycopg, never SQLAlchemy:
+``import sqlalchemy`` alone would cost a read command more than its query). It names
+the tables and columns of ``mqfleet.store.models``; tests/store/test_queries.py runs
+every query on databases built by the real migrations, on both backends. Database errors
+become :class:`~mqfleet.errors.StoreError` with a one-line message.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, TypeVar
-
-import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from mqfleet.errors import StoreError, UnknownCommandError, UnknownNodeError
-from mqfleet.store.types import UTCDateTime
+from mqfleet.store.reader import utc_value
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
     from datetime import datetime
 
-    from sqlalchemy.engine import Connection, Engine, Row
+    from mqfleet.store.reader import StoreReader
 
 __all__ = [
-    "READ_TABLES",
     "CommandDetail",
     "CommandRow",
     "MetricRow",
@@ -38,67 +38,9 @@ __all__ = [
     "list_metrics",
     "list_nodes",
     "match_nodes",
+    "metrics_sql",
     "nodes_by_id",
 ]
-
-# The columns these queries read, as SQLAlchemy Core "lightweight" tables with the same
-# names and types as the tables of ``mqfleet.store.models``. Not those tables themselves:
-# importing the models loads SQLModel and the ORM, which costs every CLI read command a
-# few hundred milliseconds of start-up. tests/store/test_queries.py checks they match.
-_NODES: Final = sa.table(
-    "nodes",
-    sa.column("node_id", sa.String(64)),
-    sa.column("hostname", sa.String(255)),
-    sa.column("ip_address", sa.String(45)),
-    sa.column("os_info", sa.String(255)),
-    sa.column("status", sa.String(20)),
-    sa.column("status_reason", sa.String(255)),
-    sa.column("last_heartbeat", UTCDateTime()),
-    sa.column("registered_at", UTCDateTime()),
-    sa.column("updated_at", UTCDateTime()),
-    sa.column("session", sa.BigInteger()),
-    sa.column("interval_s", sa.Float()),
-    sa.column("agent_version", sa.String(64)),
-)
-_METRICS: Final = sa.table(
-    "node_metrics",
-    sa.column("node_id", sa.String(64)),
-    sa.column("metric_time", UTCDateTime()),
-    sa.column("cpu_usage", sa.Float()),
-    sa.column("memory_usage", sa.Float()),
-    sa.column("disk_usage", sa.Float()),
-    sa.column("load_average", sa.Float()),
-)
-_COMMANDS: Final = sa.table(
-    "commands",
-    sa.column("id", sa.Integer()),
-    sa.column("command_id", sa.String(64)),
-    sa.column("target_node_id", sa.String(64)),
-    sa.column("command_text", sa.Text()),
-    sa.column("status", sa.String(20)),
-    sa.column("created_at", UTCDateTime()),
-    sa.column("started_at", UTCDateTime()),
-    sa.column("completed_at", UTCDateTime()),
-    sa.column("expires_at", UTCDateTime()),
-    sa.column("timeout_s", sa.Float()),
-    sa.column("issuer", sa.String(255)),
-    sa.column("batch_id", sa.String(64)),
-)
-_RESULTS: Final = sa.table(
-    "command_results",
-    sa.column("id", sa.Integer()),
-    sa.column("command_id", sa.String(64)),
-    sa.column("stdout", sa.Text()),
-    sa.column("stderr", sa.Text()),
-    sa.column("exit_code", sa.Integer()),
-    sa.column("execution_time_ms", sa.Integer()),
-    sa.column("created_at", UTCDateTime()),
-    sa.column("error", sa.Text()),
-    sa.column("stdout_truncated", sa.Boolean()),
-    sa.column("stderr_truncated", sa.Boolean()),
-)
-#: The lightweight tables above, by name (for the test that compares them to the models).
-READ_TABLES: Final = {t.name: t for t in (_NODES, _METRICS, _COMMANDS, _RESULTS)}
 
 #: Bound parameters per ``IN (...)`` list: far below SQLite's and PostgreSQL's limits.
 _IN_CHUNK: Final = 500
@@ -181,114 +123,121 @@ class CommandDetail:
     result_created_at: datetime | None
 
 
-def _describe(exc: SQLAlchemyError) -> str:
-    orig = exc.orig if isinstance(exc, DBAPIError) else None
-    text = str(orig if orig is not None else exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+# -- the SQL ------------------------------------------------------------------------
+# Placeholders are "%s" (psycopg's); the SQLite reader turns them into "?". Columns are
+# listed in the order of the row dataclasses' fields.
+_NODE_COLUMNS: Final = (
+    "node_id, hostname, ip_address, os_info, status, status_reason, "
+    "last_heartbeat, registered_at, updated_at, session, interval_s, agent_version"
+)
+_METRIC_COLUMNS: Final = "node_id, metric_time, cpu_usage, memory_usage, disk_usage, load_average"
+# command_results.command_id is unique, so the outer join adds no rows.
+_COMMANDS_FROM: Final = (
+    "SELECT c.command_id, c.target_node_id, c.command_text, c.status, c.created_at,"
+    " c.started_at, c.completed_at, c.expires_at, c.timeout_s, c.issuer, c.batch_id,"
+    " r.exit_code, r.execution_time_ms, r.error{extra}"
+    " FROM commands AS c LEFT OUTER JOIN command_results AS r"
+    " ON r.command_id = c.command_id"
+)
+_RESULT_COLUMNS: Final = (
+    ", r.id, r.stdout, r.stderr, r.stdout_truncated, r.stderr_truncated, r.created_at"
+)
+
+_NODES_SQL: Final = f"SELECT {_NODE_COLUMNS} FROM nodes{{where}} ORDER BY node_id"  # noqa: S608 - constant SQL
+_NODE_SQL: Final = f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = %s"  # noqa: S608
+_NODES_IN_SQL: Final = f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id IN ({{marks}})"  # noqa: S608
+_METRICS_SQL: Final = (
+    f"SELECT {_METRIC_COLUMNS} FROM node_metrics WHERE node_id = %s{{since}}"  # noqa: S608
+    " ORDER BY metric_time DESC LIMIT %s"
+)
+# A range count on the (node_id, metric_time) index: bounded by the window.
+_METRIC_COUNT_SQL: Final = (
+    "SELECT count(*) FROM node_metrics WHERE node_id = %s AND metric_time >= %s"
+)
+_COMMAND_COUNTS_SQL: Final = (
+    "SELECT status, count(*) FROM commands WHERE target_node_id = %s GROUP BY status"
+)
+_COMMANDS_SQL: Final = (
+    _COMMANDS_FROM.format(extra="") + "{where} ORDER BY c.created_at DESC, c.id DESC LIMIT %s"
+)
+_COMMAND_SQL: Final = _COMMANDS_FROM.format(extra=_RESULT_COLUMNS) + " WHERE c.command_id = %s"
 
 
-@contextmanager
-def _reading(engine: Engine) -> Iterator[Connection]:
-    """Open a connection whose database errors surface as one-line StoreErrors."""
-    where = engine.url.render_as_string(hide_password=True)
-    try:
-        with engine.connect() as conn:
-            yield conn
-    except (sa.exc.ProgrammingError, sa.exc.OperationalError) as exc:
-        reason = _describe(exc)
-        missing_table = isinstance(exc, sa.exc.ProgrammingError) or "no such table" in reason
-        if missing_table and ("does not exist" in reason or "no such table" in reason):
-            msg = f"database {where} has no mqfleet tables: run 'mqfleet db upgrade'"
-            raise StoreError(msg) from exc
-        raise StoreError(f"cannot read database {where}: {reason}") from exc
-    except SQLAlchemyError as exc:
-        raise StoreError(f"cannot read database {where}: {_describe(exc)}") from exc
+def metrics_sql(*, since: bool) -> str:
+    """Return the SQL of a node's samples, newest first (parameters: node, [since], limit).
+
+    Public for the test that checks its plan walks ``idx_node_metrics_time``.
+    """
+    return _METRICS_SQL.format(since=" AND metric_time >= %s" if since else "")
 
 
-def _node(row: Row[tuple[object, ...]]) -> NodeRow:
-    m = row._mapping  # noqa: SLF001 - the public accessor of a Row's columns by name
+def _where(conditions: list[str]) -> str:
+    return " WHERE " + " AND ".join(conditions) if conditions else ""
+
+
+# -- rows -----------------------------------------------------------------------------
+def _aware(value: Any) -> datetime:  # noqa: ANN401 - a DB-API value
+    when = utc_value(value)
+    if when is None:
+        raise StoreError(f"a NOT NULL time column holds NULL ({value!r})")
+    return when
+
+
+def _node(row: tuple[Any, ...]) -> NodeRow:
     return NodeRow(
-        node_id=m["node_id"],
-        hostname=m["hostname"],
-        ip_address=m["ip_address"],
-        os_info=m["os_info"],
-        status=m["status"],
-        status_reason=m["status_reason"],
-        last_heartbeat=m["last_heartbeat"],
-        registered_at=m["registered_at"],
-        updated_at=m["updated_at"],
-        session=int(m["session"]),
-        interval_s=m["interval_s"],
-        agent_version=m["agent_version"],
+        node_id=row[0],
+        hostname=row[1],
+        ip_address=row[2],
+        os_info=row[3],
+        status=row[4],
+        status_reason=row[5],
+        last_heartbeat=utc_value(row[6]),
+        registered_at=_aware(row[7]),
+        updated_at=_aware(row[8]),
+        session=int(row[9]),
+        interval_s=row[10],
+        agent_version=row[11],
     )
 
 
-def _metric(row: Row[tuple[object, ...]]) -> MetricRow:
-    m = row._mapping  # noqa: SLF001 - see _node
+def _metric(row: tuple[Any, ...]) -> MetricRow:
     return MetricRow(
-        node_id=m["node_id"],
-        metric_time=m["metric_time"],
-        cpu_usage=m["cpu_usage"],
-        memory_usage=m["memory_usage"],
-        disk_usage=m["disk_usage"],
-        load_average=m["load_average"],
+        node_id=row[0],
+        metric_time=_aware(row[1]),
+        cpu_usage=row[2],
+        memory_usage=row[3],
+        disk_usage=row[4],
+        load_average=row[5],
     )
 
 
-def _command(row: Row[tuple[object, ...]]) -> CommandRow:
-    m = row._mapping  # noqa: SLF001 - see _node
+def _command(row: tuple[Any, ...]) -> CommandRow:
     return CommandRow(
-        command_id=m["command_id"],
-        target_node_id=m["target_node_id"],
-        command_text=m["command_text"],
-        status=m["status"],
-        created_at=m["created_at"],
-        started_at=m["started_at"],
-        completed_at=m["completed_at"],
-        expires_at=m["expires_at"],
-        timeout_s=m["timeout_s"],
-        issuer=m["issuer"],
-        batch_id=m["batch_id"],
-        exit_code=m["exit_code"],
-        execution_time_ms=m["execution_time_ms"],
-        error=m["error"],
+        command_id=row[0],
+        target_node_id=row[1],
+        command_text=row[2],
+        status=row[3],
+        created_at=_aware(row[4]),
+        started_at=utc_value(row[5]),
+        completed_at=utc_value(row[6]),
+        expires_at=utc_value(row[7]),
+        timeout_s=row[8],
+        issuer=row[9],
+        batch_id=row[10],
+        exit_code=row[11],
+        execution_time_ms=row[12],
+        error=row[13],
     )
 
 
-_NODE_COLUMNS: Final = [
-    _NODES.c[name]
-    for name in (
-        "node_id", "hostname", "ip_address", "os_info", "status", "status_reason",
-        "last_heartbeat", "registered_at", "updated_at", "session", "interval_s", "agent_version",
-    )
-]  # fmt: skip
-_METRIC_COLUMNS: Final = [
-    _METRICS.c[name]
-    for name in (
-        "node_id", "metric_time", "cpu_usage", "memory_usage", "disk_usage", "load_average",
-    )
-]  # fmt: skip
-_COMMAND_COLUMNS: Final = [
-    *(
-        _COMMANDS.c[name]
-        for name in (
-            "command_id", "target_node_id", "command_text", "status", "created_at", "started_at",
-            "completed_at", "expires_at", "timeout_s", "issuer", "batch_id",
-        )
-    ),
-    _RESULTS.c.exit_code,
-    _RESULTS.c.execution_time_ms,
-    _RESULTS.c.error,
-]  # fmt: skip
-
-
-def list_nodes(engine: Engine, *, status: str | None = None) -> list[NodeRow]:
+# -- queries --------------------------------------------------------------------------
+def list_nodes(reader: StoreReader, *, status: str | None = None) -> list[NodeRow]:
     """Every node (optionally only those with ``status``), ordered by node id."""
-    query = sa.select(*_NODE_COLUMNS).order_by(_NODES.c.node_id)
-    if status is not None:
-        query = query.where(_NODES.c.status == status)
-    with _reading(engine) as conn:
-        return [_node(row) for row in conn.execute(query)]
+    if status is None:
+        rows = reader.fetch_all(_NODES_SQL.format(where=""))
+    else:
+        rows = reader.fetch_all(_NODES_SQL.format(where=_where(["status = %s"])), [status])
+    return [_node(row) for row in rows]
 
 
 def _chunks(items: list[_T], size: int) -> Iterable[list[_T]]:
@@ -296,82 +245,54 @@ def _chunks(items: list[_T], size: int) -> Iterable[list[_T]]:
         yield items[start : start + size]
 
 
-def nodes_by_id(engine: Engine, node_ids: Iterable[str]) -> dict[str, NodeRow]:
+def nodes_by_id(reader: StoreReader, node_ids: Iterable[str]) -> dict[str, NodeRow]:
     """Return the stored nodes among ``node_ids`` by id (unknown ids are absent)."""
     wanted = sorted(set(node_ids))
     found: dict[str, NodeRow] = {}
-    with _reading(engine) as conn:
-        for chunk in _chunks(wanted, _IN_CHUNK):
-            query = sa.select(*_NODE_COLUMNS).where(_NODES.c.node_id.in_(chunk))
-            found.update((node.node_id, node) for node in map(_node, conn.execute(query)))
+    for chunk in _chunks(wanted, _IN_CHUNK):
+        sql = _NODES_IN_SQL.format(marks=", ".join(["%s"] * len(chunk)))
+        found.update((node.node_id, node) for node in map(_node, reader.fetch_all(sql, chunk)))
     return found
 
 
-def match_nodes(engine: Engine, pattern: str) -> list[NodeRow]:
+def match_nodes(reader: StoreReader, pattern: str) -> list[NodeRow]:
     """Nodes whose id matches the shell glob ``pattern`` (``*``, ``?``, ``[...]``)."""
-    # Globs are matched in Python: SQL LIKE has no [...] and escapes differ per backend,
-    # and 10,000 short rows are read in milliseconds.
-    return [node for node in list_nodes(engine) if fnmatch.fnmatchcase(node.node_id, pattern)]
+    # Globs are matched in Python, the same on every backend: SQL LIKE has no [...] and
+    # escapes differ per backend, and 10,000 short rows are read in milliseconds.
+    return [node for node in list_nodes(reader) if fnmatch.fnmatchcase(node.node_id, pattern)]
 
 
-def get_node(engine: Engine, node_id: str, *, metrics_since: datetime) -> NodeDetail:
+def get_node(reader: StoreReader, node_id: str, *, metrics_since: datetime) -> NodeDetail:
     """One node with its newest sample, samples since ``metrics_since`` and command counts."""
-    with _reading(engine) as conn:
-        row = conn.execute(sa.select(*_NODE_COLUMNS).where(_NODES.c.node_id == node_id)).first()
-        if row is None:
-            raise UnknownNodeError([node_id])
-        latest = conn.execute(
-            sa.select(*_METRIC_COLUMNS)
-            .where(_METRICS.c.node_id == node_id)
-            .order_by(_METRICS.c.metric_time.desc())
-            .limit(1)
-        ).first()
-        # A range count on the (node_id, metric_time) index: bounded by the window.
-        recent = conn.execute(
-            sa.select(sa.func.count())
-            .select_from(_METRICS)
-            .where(_METRICS.c.node_id == node_id, _METRICS.c.metric_time >= metrics_since)
-        ).scalar_one()
-        counts = conn.execute(
-            sa.select(_COMMANDS.c.status, sa.func.count())
-            .where(_COMMANDS.c.target_node_id == node_id)
-            .group_by(_COMMANDS.c.status)
-        ).all()
+    row = reader.fetch_one(_NODE_SQL, [node_id])
+    if row is None:
+        raise UnknownNodeError([node_id])
+    latest = reader.fetch_one(metrics_sql(since=False), [node_id, 1])
+    recent = reader.fetch_one(_METRIC_COUNT_SQL, [node_id, reader.bind_time(metrics_since)])
+    counts = reader.fetch_all(_COMMAND_COUNTS_SQL, [node_id])
     return NodeDetail(
         node=_node(row),
         latest_metric=_metric(latest) if latest is not None else None,
-        recent_metric_count=int(recent),
+        recent_metric_count=int(recent[0]) if recent is not None else 0,
         command_counts={str(status): int(n) for status, n in counts},
     )
 
 
 def list_metrics(
-    engine: Engine, node_id: str, *, since: datetime | None = None, limit: int = 100
+    reader: StoreReader, node_id: str, *, since: datetime | None = None, limit: int = 100
 ) -> list[MetricRow]:
     """Return a node's samples, newest first, at most ``limit``, none before ``since``."""
-    query = (
-        sa.select(*_METRIC_COLUMNS)
-        .where(_METRICS.c.node_id == node_id)
-        .order_by(_METRICS.c.metric_time.desc())
-        .limit(limit)
-    )
-    if since is not None:
-        query = query.where(_METRICS.c.metric_time >= since)
-    with _reading(engine) as conn:
-        known = conn.execute(sa.select(_NODES.c.node_id).where(_NODES.c.node_id == node_id)).first()
-        if known is None:
-            raise UnknownNodeError([node_id])
-        return [_metric(row) for row in conn.execute(query)]
-
-
-def _commands_query() -> sa.Select[tuple[object, ...]]:
-    # command_results.command_id is unique, so the outer join adds no rows.
-    joined = _COMMANDS.outerjoin(_RESULTS, _RESULTS.c.command_id == _COMMANDS.c.command_id)
-    return sa.select(*_COMMAND_COLUMNS).select_from(joined)
+    if reader.fetch_one(_NODE_SQL, [node_id]) is None:
+        raise UnknownNodeError([node_id])
+    if since is None:
+        rows = reader.fetch_all(metrics_sql(since=False), [node_id, limit])
+    else:
+        rows = reader.fetch_all(metrics_sql(since=True), [node_id, reader.bind_time(since), limit])
+    return [_metric(row) for row in rows]
 
 
 def list_commands(
-    engine: Engine,
+    reader: StoreReader,
     *,
     node_id: str | None = None,
     status: str | None = None,
@@ -380,40 +301,33 @@ def list_commands(
     limit: int = 50,
 ) -> list[CommandRow]:
     """Commands, newest first, filtered by node, status, age and batch."""
-    query = _commands_query().order_by(_COMMANDS.c.created_at.desc(), _COMMANDS.c.id.desc())
-    if node_id is not None:
-        query = query.where(_COMMANDS.c.target_node_id == node_id)
-    if status is not None:
-        query = query.where(_COMMANDS.c.status == status)
-    if since is not None:
-        query = query.where(_COMMANDS.c.created_at >= since)
-    if batch_id is not None:
-        query = query.where(_COMMANDS.c.batch_id == batch_id)
-    with _reading(engine) as conn:
-        return [_command(row) for row in conn.execute(query.limit(limit))]
+    conditions: list[str] = []
+    params: list[object] = []
+    for condition, value in (
+        ("c.target_node_id = %s", node_id),
+        ("c.status = %s", status),
+        ("c.created_at >= %s", reader.bind_time(since) if since is not None else None),
+        ("c.batch_id = %s", batch_id),
+    ):
+        if value is not None:
+            conditions.append(condition)
+            params.append(value)
+    rows = reader.fetch_all(_COMMANDS_SQL.format(where=_where(conditions)), [*params, limit])
+    return [_command(row) for row in rows]
 
 
-def get_command(engine: Engine, command_id: str) -> CommandDetail:
+def get_command(reader: StoreReader, command_id: str) -> CommandDetail:
     """One command with its full result; :class:`UnknownCommandError` if never recorded."""
-    query = _commands_query().add_columns(
-        _RESULTS.c.id.label("result_id"),
-        _RESULTS.c.stdout,
-        _RESULTS.c.stderr,
-        _RESULTS.c.stdout_truncated,
-        _RESULTS.c.stderr_truncated,
-        _RESULTS.c.created_at.label("result_created_at"),
-    )
-    with _reading(engine) as conn:
-        row = conn.execute(query.where(_COMMANDS.c.command_id == command_id)).first()
+    row = reader.fetch_one(_COMMAND_SQL, [command_id])
     if row is None:
         raise UnknownCommandError(command_id)
-    m = row._mapping  # noqa: SLF001 - see _node
+    result_id, stdout, stderr, stdout_truncated, stderr_truncated, result_created_at = row[14:]
     return CommandDetail(
         command=_command(row),
-        has_result=m["result_id"] is not None,
-        stdout=m["stdout"],
-        stderr=m["stderr"],
-        stdout_truncated=bool(m["stdout_truncated"]),
-        stderr_truncated=bool(m["stderr_truncated"]),
-        result_created_at=m["result_created_at"],
+        has_result=result_id is not None,
+        stdout=stdout,
+        stderr=stderr,
+        stdout_truncated=bool(stdout_truncated),
+        stderr_truncated=bool(stderr_truncated),
+        result_created_at=utc_value(result_created_at),
     )

@@ -1,7 +1,8 @@
-"""Column types shared by the SQLModel tables and the lightweight read queries.
+"""Column types of the SQLModel tables that SQLAlchemy lacks.
 
-SQLAlchemy only (no SQLModel), so the CLI's read path can use them without loading the
-ORM. ``mqfleet.store.models`` re-exports :class:`UTCDateTime` under its old name.
+``mqfleet.store.models`` re-exports :class:`UTCDateTime` under its old name. The CLI's
+readers (``store.reader``, no SQLAlchemy) parse and bind exactly the SQLite storage
+format it produces: keep the two in step.
 """
 
 from __future__ import annotations
