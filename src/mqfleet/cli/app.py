@@ -1,14 +1,17 @@
 """The ``mqfleet`` click group: global options, error mapping and the read commands.
 
 Start-up stays lean: the database drivers, aiomqtt and the agent/collector are imported
-inside the commands that need them, so ``mqfleet --help`` and ``mqfleet agent`` never load
-the database layer and ``mqfleet run`` starts fast. The read commands (and ``run``'s
-target lookup) use ``store.queries`` on ``sqlite3``/psycopg, never SQLAlchemy; only
-``mqfleet db upgrade`` and the collector load it.
+inside the commands that need them, and the commands defined in other modules (``run``,
+``up``, ``keys``, ...) are imported only when one of them is invoked or ``--help`` lists
+them (:data:`LAZY_COMMANDS`), so ``mqfleet --help`` and ``mqfleet agent`` never load the
+database layer, and ``mqfleet nodes`` never loads the broker tooling of ``up``. The read
+commands (and ``run``'s target lookup) use ``store.queries`` on ``sqlite3``/psycopg, never
+SQLAlchemy; only ``mqfleet db upgrade`` and the collector load it.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import os
@@ -33,12 +36,12 @@ from mqfleet.protocol import utc_now, validate_node_id
 from mqfleet.settings import load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Iterator, Sequence
+    from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 
     from mqfleet.settings import Settings
     from mqfleet.store.reader import StoreReader
 
-__all__ = ["CliState", "cli", "main", "open_store"]
+__all__ = ["LAZY_COMMANDS", "CliState", "cli", "main", "open_store"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,17 @@ _COMMAND_STATUSES: Final = ("pending", "running", "success", "failed", "timeout"
 #: Window of the sample count shown by ``mqfleet show``.
 _SHOW_WINDOW: Final = timedelta(hours=24)
 _PG_CONNECT_TIMEOUT_S: Final = 5
+#: Commands defined in their own modules, by name: each module is imported only when its
+#: command runs (or ``--help`` lists it), so a read command never pays for ``up``'s
+#: broker tooling or ``run``'s MQTT client. The modules import this one, not the reverse.
+LAZY_COMMANDS: Final[Mapping[str, str]] = {
+    "keys": "mqfleet.cli.accounts",
+    "provision": "mqfleet.cli.accounts",
+    "revoke": "mqfleet.cli.accounts",
+    "run": "mqfleet.cli.run",
+    "simulate": "mqfleet.cli.simulate",
+    "up": "mqfleet.cli.up",
+}
 
 # Whether -v was given, read by the error handler after the click context is gone.
 _verbose = False
@@ -131,7 +145,25 @@ def _safe_streams() -> None:
 
 
 class MqfleetGroup(click.Group):
-    """A click group whose errors are one line on stderr with the documented exit code."""
+    """A click group whose errors are one line on stderr with the documented exit code.
+
+    It also holds the :data:`LAZY_COMMANDS`, imported on first use.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Name every command, the lazy ones included, in alphabetical order."""
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Return the command called ``cmd_name``, importing its module if it is lazy."""
+        command = super().get_command(ctx, cmd_name)
+        module = LAZY_COMMANDS.get(cmd_name)
+        if command is None and module is not None:
+            command = getattr(importlib.import_module(module), cmd_name)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{module}.{cmd_name} is not a click command")
+            self.add_command(command, cmd_name)
+        return command
 
     def main(
         self,
@@ -476,23 +508,6 @@ def collector(state: CliState) -> int:
 
     serve(run_collector, settings)
     return ExitCode.OK
-
-
-def _register_commands() -> None:
-    from mqfleet.cli.accounts import keys, provision, revoke  # noqa: PLC0415 - avoids an import cycle
-    from mqfleet.cli.run import run  # noqa: PLC0415 - avoids an import cycle
-    from mqfleet.cli.simulate import simulate  # noqa: PLC0415 - idem
-    from mqfleet.cli.up import up  # noqa: PLC0415 - idem
-
-    cli.add_command(keys)
-    cli.add_command(provision)
-    cli.add_command(revoke)
-    cli.add_command(run)
-    cli.add_command(simulate)
-    cli.add_command(up)
-
-
-_register_commands()
 
 
 def main() -> None:
