@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import importlib
 import io
-import logging
 import os
-import signal
 import sys
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -43,10 +40,12 @@ if TYPE_CHECKING:
 
 __all__ = ["LAZY_COMMANDS", "CliState", "cli", "main", "open_store"]
 
-log = logging.getLogger(__name__)
-
 _HANDLER_NAME: Final = "mqfleet-cli"
 _LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Commands that log nothing: sqlite3 never logs, psycopg only when something is already
+#: wrong. They configure logging only with -v, as ``import logging`` (and traceback with
+#: it) would cost each of them ~5 ms of start-up (issue 5).
+_QUIET_COMMANDS: Final = frozenset({"nodes", "show", "metrics", "commands", "result"})
 _NODE_STATUSES: Final = ("online", "offline", "error")
 _COMMAND_STATUSES: Final = ("pending", "running", "success", "failed", "timeout")
 #: Window of the sample count shown by ``mqfleet show``.
@@ -114,15 +113,17 @@ class CliState:
         return args
 
 
-def configure_logging(*, verbose: bool, level: int = logging.WARNING) -> None:
-    """Log to stderr: DEBUG with -v, else ``level`` (entry points only, never libraries)."""
+def configure_logging(*, verbose: bool, level: int | None = None) -> None:
+    """Log to stderr: DEBUG with -v, else ``level`` (WARNING if None; entry points only)."""
+    import logging  # noqa: PLC0415 - the read commands start without it
+
     root = logging.getLogger()
     if not any(h.get_name() == _HANDLER_NAME for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         handler.set_name(_HANDLER_NAME)
         root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else level)
+    root.setLevel(logging.DEBUG if verbose else (level or logging.WARNING))
     # Alembic announces each of its plugins at INFO on every start; only -v wants that.
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
@@ -194,6 +195,8 @@ class MqfleetGroup(click.Group):
             code = _fail(str(exc), exit_code_for(exc))
         except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if _verbose:
+                import traceback  # noqa: PLC0415 - only bugs need it
+
                 traceback.print_exc()
             hint = "" if _verbose else " (run with -v for the traceback)"
             code = _fail(f"unexpected {type(exc).__name__}: {exc}{hint}", ExitCode.FAILED)
@@ -236,7 +239,8 @@ def cli(
     """
     global _verbose  # noqa: PLW0603 - see MqfleetGroup.main
     _verbose = verbose
-    configure_logging(verbose=verbose)
+    if verbose or ctx.invoked_subcommand not in _QUIET_COMMANDS:
+        configure_logging(verbose=verbose)
     ctx.obj = CliState(
         config_file, broker_url, database_url, topic_prefix, verbose, mqtt_version=mqtt_version
     )
@@ -296,7 +300,7 @@ def nodes(state: CliState, status: str | None, *, as_json: bool) -> int:
     if warning:
         click.echo(f"mqfleet: {warning}", err=True)
     if as_json:
-        _emit_json({"nodes": [render.node_json(n) for n in rows]})
+        _emit_json(render.nodes_json(rows))
     else:
         click.echo(render.nodes_table(rows, now, colour=_colour()))
     return ExitCode.OK
@@ -345,7 +349,7 @@ def metrics(
     with open_store(settings) as reader:
         rows = list_metrics(reader, node_id, since=now - since if since else None, limit=limit)
     if as_json:
-        _emit_json({"node_id": node_id, "metrics": [render.metric_json(m) for m in rows]})
+        _emit_json(render.metrics_json(node_id, rows))
     else:
         click.echo(render.metrics_table(rows, now))
     return ExitCode.OK
@@ -452,6 +456,10 @@ def db_upgrade(state: CliState) -> int:
 def serve(entry: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings) -> None:
     """Run a service until SIGTERM/SIGINT, which cancel it so it can shut down cleanly."""
     import asyncio  # noqa: PLC0415 - lean start-up: the read commands never need it
+    import logging  # noqa: PLC0415 - idem
+    import signal  # noqa: PLC0415 - idem
+
+    log = logging.getLogger(__name__)
 
     async def supervise() -> None:
         loop = asyncio.get_running_loop()
@@ -491,6 +499,8 @@ def agent(state: CliState, node_id: str | None, interval: timedelta | None) -> i
         node_id=node_id,
         metrics_interval_s=interval.total_seconds() if interval else None,
     )
+    import logging  # noqa: PLC0415 - lean start-up of the read commands
+
     configure_logging(verbose=state.verbose, level=logging.INFO)
     from mqfleet.agent import run_agent  # noqa: PLC0415 - only this command needs the agent
 
@@ -503,6 +513,8 @@ def agent(state: CliState, node_id: str | None, interval: timedelta | None) -> i
 def collector(state: CliState) -> int:
     """Run the collector (records the fleet into the database) until SIGTERM/SIGINT."""
     settings = state.settings(local_fleet=False)
+    import logging  # noqa: PLC0415 - lean start-up of the read commands
+
     configure_logging(verbose=state.verbose, level=logging.INFO)
     from mqfleet.collector import run_collector  # noqa: PLC0415 - only this command needs it
 
