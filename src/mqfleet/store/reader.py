@@ -62,13 +62,19 @@ def utc_value(value: str | datetime | None) -> datetime | None:
         # its own fails to parse, and a date alone comes back naive: both take the slow
         # path.
         try:
-            parsed = datetime.fromisoformat(value + "+00:00")
+            parsed = _fromisoformat(value + "+00:00")
         except ValueError:
-            parsed = None
-        if parsed is not None and parsed.tzinfo is UTC:
-            return parsed
-        value = datetime.fromisoformat(value)
+            return _utc_text(value)
+        return parsed if parsed.tzinfo is UTC else _utc_text(value)
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+_fromisoformat: Final = datetime.fromisoformat
+
+
+def _utc_text(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _first_line(exc: BaseException) -> str:
