@@ -250,9 +250,9 @@ def stale_nodes(nodes: Sequence[NodeRow], now: datetime) -> list[NodeRow]:
         if node.interval_s in cutoffs:
             cutoff = cutoffs[node.interval_s]
         else:
-            limit = timedelta(seconds=STALE_FACTOR * (node.interval_s or _DEFAULT_INTERVAL_S))
+            seconds = STALE_FACTOR * (node.interval_s or _DEFAULT_INTERVAL_S)
             try:
-                cutoff = now - (limit + _STALE_GRACE)
+                cutoff = now - timedelta(seconds=seconds) - _STALE_GRACE
             except OverflowError:  # a limit reaching before year 1: nothing is that old
                 cutoff = None
             cutoffs[node.interval_s] = cutoff
