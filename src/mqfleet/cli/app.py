@@ -11,6 +11,7 @@ SQLAlchemy; only ``mqfleet db upgrade`` and the collector load it.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import io
 import os
@@ -524,4 +525,9 @@ def collector(state: CliState) -> int:
 
 def main() -> None:
     """Console entry point of ``mqfleet``."""
+    # What the imports made (modules, classes, click's commands) lives as long as the
+    # process: frozen, the collector never walks it again. A read command allocates ~50,000
+    # objects for 10,000 nodes, and each full collection would walk those ~100,000 as well
+    # (~8 ms of `mqfleet nodes`). Later garbage is collected as usual.
+    gc.freeze()
     cli.main(prog_name="mqfleet")
