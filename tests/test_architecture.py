@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,25 @@ NEVER_IMPORTS: dict[str, set[str]] = {
 #: they talk to sqlite3/psycopg directly, as ``import sqlalchemy`` alone costs ~150 ms.
 READ_PATH = ("mqfleet.store.queries", "mqfleet.store.reader", "mqfleet.store.urls")
 READ_PATH_NEVER_IMPORTS = {"sqlalchemy", "sqlmodel", "alembic"}
+#: What the read commands never load (issue 5: `mqfleet nodes` of 10,000 nodes and
+#: `metrics` in 300 ms, start-up included): the modules of the other commands (imported on
+#: first use through LAZY_COMMANDS), logging (configured only with -v), asyncio, the
+#: stdlib json (msgspec writes --json) and, on SQLite, psycopg.
+READ_COMMANDS_NEVER_LOAD = (
+    *sorted(READ_PATH_NEVER_IMPORTS),
+    "mqfleet.cli.accounts",
+    "mqfleet.cli.run",
+    "mqfleet.cli.simulate",
+    "mqfleet.cli.up",
+    "mqfleet.localbroker",
+    "mqfleet.agent",
+    "mqfleet.collector",
+    "logging",
+    "traceback",
+    "asyncio",
+    "json",
+    "psycopg",
+)
 #: The only third-party packages the wire protocol may use.
 PROTOCOL_THIRD_PARTY = {"msgspec"}
 #: Components the CLI may import only inside functions (keeps start-up lean, and
@@ -256,6 +276,57 @@ def test_the_read_commands_never_load_sqlalchemy(tmp_path: Path) -> None:
     assert '"node_id": "web-1"' in result.stdout
     loaded = result.stdout.splitlines()[-1]
     assert loaded == "loaded: ", f"the read commands {loaded}"
+
+
+def _read_database(path: Path) -> str:
+    """A SQLite database with the columns the read commands select: a node, a sample now."""
+    now = datetime.now(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE nodes (node_id, hostname, ip_address, os_info, status,"
+                     " status_reason, last_heartbeat, registered_at, updated_at, session,"
+                     " interval_s, agent_version)")  # fmt: skip
+        conn.execute("INSERT INTO nodes VALUES ('web-1', 'h', '10.0.0.1', NULL, 'online',"
+                     " NULL, '2026-01-01 00:00:00.000000', '2026-01-01 00:00:00',"
+                     " '2026-01-01 00:00:00', 1, 10.0, '0.1')")  # fmt: skip
+        conn.execute("CREATE TABLE node_metrics (node_id, metric_time, cpu_usage,"
+                     " memory_usage, disk_usage, load_average)")  # fmt: skip
+        conn.execute("INSERT INTO node_metrics VALUES ('web-1', ?, 1.5, 2.5, 3.5, 0.25)", [now])
+        conn.execute("CREATE TABLE commands (target_node_id, status)")
+    conn.close()
+    return f"sqlite:///{path}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["nodes"], ["nodes", "--json"], ["metrics", "web-1", "--since", "1h"],
+     ["metrics", "web-1", "--json"], ["show", "web-1"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_the_read_commands_load_only_what_they_use(tmp_path: Path, args: list[str]) -> None:
+    # Each command shows the node or its sample (cpu 1.5), so it read the database.
+    # Transitive imports count: the whole command, in a fresh interpreter.
+    url = _read_database(tmp_path / "fleet.db")
+    code = (
+        "import sys\n"
+        "from mqfleet.cli import main\n"
+        f"sys.argv = ['mqfleet', '--database', {url!r}, *{args!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        f"bad = [m for m in {READ_COMMANDS_NEVER_LOAD!r} if m in sys.modules]\n"
+        "print('loaded:', ','.join(bad))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MQFLEET_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60,
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "web-1" in result.stdout or "1.5" in result.stdout, result.stdout
+    loaded = result.stdout.splitlines()[-1]
+    assert loaded == "loaded: ", f"mqfleet {' '.join(args)} {loaded}"
 
 
 def test_protocol_depends_only_on_msgspec_and_the_stdlib() -> None:

@@ -4,10 +4,13 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import click
 import pytest
 from click.testing import Result
 from sqlmodel import Session
 
+from mqfleet.cli import cli
+from mqfleet.cli.app import LAZY_COMMANDS
 from mqfleet.store.engine import create_store_engine
 from mqfleet.store.models import Command, CommandResult
 from mqfleet.store.queries import get_node, list_metrics, list_nodes
@@ -194,5 +197,18 @@ def test_version_and_help(invoke: Invoke) -> None:
     helped = invoke("--help")
     assert helped.exit_code == 0
     for name in ("agent", "collector", "nodes", "show", "metrics", "run", "commands", "result",
-                 "up", "db"):  # fmt: skip
+                 "up", "db", "keys", "provision", "revoke", "simulate"):  # fmt: skip
         assert name in helped.stdout
+
+
+@pytest.mark.parametrize("name", sorted(LAZY_COMMANDS))
+def test_lazy_commands_are_found_by_name(invoke: Invoke, name: str) -> None:
+    # Their modules are imported on first use: each name must lead to its command.
+    command = cli.get_command(click.Context(cli), name)
+    assert command is not None
+    assert command.name == name
+    assert command.callback is not None
+    assert command.callback.__module__ == LAZY_COMMANDS[name]
+    helped = invoke(name, "--help")
+    assert helped.exit_code == 0, helped.stderr
+    assert helped.stdout.startswith(f"Usage: mqfleet {name} ")

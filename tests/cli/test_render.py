@@ -5,6 +5,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import click
+import msgspec
 import pytest
 
 from mqfleet.cli import render
@@ -128,6 +129,44 @@ def test_node_json_fields_are_stable() -> None:
     assert doc["last_heartbeat"] == "2026-11-30T11:59:55Z"
 
 
+def test_nodes_and_metrics_json_encode_the_rows_as_node_json_and_metric_json() -> None:
+    # The list documents encode the rows as they are: their fields must stay the
+    # documented objects, in the same order.
+    rows = [node("web-1"), node("db-2", "offline", seen_s=3600.5)]
+    listed = json.loads(render.dumps(render.nodes_json(rows)))
+    assert list(listed) == ["nodes"]
+    assert [list(n.items()) for n in listed["nodes"]] == [
+        list(render.node_json(n).items()) for n in rows
+    ]
+    metric = MetricRow("web-1", NOW - timedelta(microseconds=1500), 12.345, None, 70.25, 0.5)
+    doc = json.loads(render.dumps(render.metrics_json("web-1", [metric])))
+    assert list(doc) == ["node_id", "metrics"]
+    assert list(doc["metrics"][0].items()) == list(render.metric_json(metric).items())
+    assert doc["metrics"][0]["metric_time"] == "2026-11-30T11:59:59.998500Z"
+
+
+def test_dumps_writes_what_json_dumps_wrote() -> None:
+    document = {
+        "text": 'caf\u00e9 "quoted" \\ \n\t\x01\x7f \u2028 \U0001f600',
+        "numbers": [0, -1, 2**63, 1.5, 0.1 + 0.2, 12.345, 1e15, 100.0],
+        "empty": {"list": [], "object": {}},
+        "flags": [True, False, None],
+        "nested": [{"a": [{"b": []}]}],
+    }
+    assert render.dumps(document) == json.dumps(document, indent=2, ensure_ascii=False)
+    assert render.dumps({"nodes": []}) == '{\n  "nodes": []\n}'
+
+
+def test_dumps_keeps_a_lone_surrogate_for_the_stream_to_replace() -> None:
+    # An agent's JSON may carry "\udcff"; UTF-8 cannot, so the stdlib encoder writes it
+    # (the CLI's stdout replaces it) instead of failing the command.
+    document = {"stdout": "out \udcff", "when": NOW, "row": node()}
+    text = render.dumps(document)
+    assert '"stdout": "out \udcff"' in text
+    assert '"when": "2026-11-30T12:00:00Z"' in text
+    assert json.loads(text)["row"] == render.node_json(node())
+
+
 def test_stale_nodes_warn_when_nothing_records() -> None:
     fresh, stale, offline = node("a", seen_s=5), node("b", seen_s=600), node("c", "offline", 600)
     assert render.stale_nodes([fresh, stale, offline], NOW) == [stale]
@@ -136,6 +175,15 @@ def test_stale_nodes_warn_when_nothing_records() -> None:
     assert "10m ago" in warning
     assert "collector" in warning
     assert render.stale_warning([], NOW) is None
+
+
+def test_stale_nodes_take_each_nodes_interval() -> None:
+    slow = msgspec.structs.replace(node("slow", seen_s=600), interval_s=300.0)
+    never = msgspec.structs.replace(node("never"), last_heartbeat=None)
+    # An interval beyond any datetime (only a hand-edited row can hold one) is never stale.
+    huge = msgspec.structs.replace(node("huge", seen_s=86400 * 365), interval_s=1e300)
+    fast = node("fast", seen_s=61)  # 3 x 10 s + 30 s grace = 60 s
+    assert render.stale_nodes([slow, never, huge, fast], NOW) == [never, fast]
 
 
 def test_metrics_and_commands_tables() -> None:

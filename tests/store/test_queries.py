@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -8,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from msgspec.structs import fields
 from sqlmodel import Session, col, select
 
 from mqfleet.errors import StoreError, UnknownCommandError, UnknownNodeError
@@ -201,7 +201,7 @@ def test_every_field_reads_back_what_the_models_wrote(
         engine.dispose()
 
     def same(row: object, *models: object, renamed: dict[str, str] | None = None) -> None:
-        for f in dataclasses.fields(row):  # type: ignore[arg-type]
+        for f in fields(row):  # type: ignore[arg-type]
             name = (renamed or {}).get(f.name, f.name)
             model = next((m for m in models if hasattr(m, name)), None)
             if model is None:
@@ -213,10 +213,10 @@ def test_every_field_reads_back_what_the_models_wrote(
     rows = list_nodes(reader)
     assert len(rows) == len(nodes) == 4
     for row, node in zip(rows, nodes, strict=True):
-        assert {f.name for f in dataclasses.fields(NodeRow)} <= set(Node.model_fields)
+        assert {f.name for f in fields(NodeRow)} <= set(Node.model_fields)
         same(row, node)
     latest = list_metrics(reader, "web-0", limit=1)[0]
-    assert {f.name for f in dataclasses.fields(MetricRow)} <= set(NodeMetric.model_fields)
+    assert {f.name for f in fields(MetricRow)} <= set(NodeMetric.model_fields)
     same(latest, metric)
     listed = {c.command_id: c for c in list_commands(reader)}
     assert listed.keys() == commands.keys()
@@ -229,8 +229,8 @@ def test_every_field_reads_back_what_the_models_wrote(
         if result is not None:
             same(detail, result, renamed={"result_created_at": "created_at"})
             assert result.created_at.microsecond != 0  # set by the model's default
-    command_fields = {f.name for f in dataclasses.fields(CommandRow)}
-    result_fields = {f.name for f in dataclasses.fields(CommandDetail)} - {"command", "has_result"}
+    command_fields = {f.name for f in fields(CommandRow)}
+    result_fields = {f.name for f in fields(CommandDetail)} - {"command", "has_result"}
     assert command_fields <= set(Command.model_fields) | set(CommandResult.model_fields)
     assert result_fields - {"result_created_at"} <= set(CommandResult.model_fields)
 

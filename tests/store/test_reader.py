@@ -95,3 +95,19 @@ def test_naive_binds_are_refused(sqlite_url: str) -> None:
     connect(sqlite_url.removeprefix("sqlite:///")).close()
     with open_reader(sqlite_url) as reader, pytest.raises(ValueError, match="naive datetime"):
         reader.bind_time(datetime(2026, 1, 1))  # noqa: DTZ001 - the point
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_the_postgres_session_reads_in_utc_and_keeps_the_urls_options(postgres_url: str) -> None:
+    # The URL's options (the fixture's search_path) still apply; TimeZone=UTC is added so
+    # that psycopg reads times in datetime.UTC, with nothing left to convert.
+    assert "search_path" in postgres_url
+    with open_reader(postgres_url) as reader:
+        (schema, zone, now), *_ = reader.fetch_all(
+            "SELECT current_schema(), current_setting('TimeZone'), now()"
+        )
+    assert schema == postgres_url.rpartition("search_path%3D")[2]
+    assert zone == "UTC"
+    assert now.tzinfo is UTC
+    assert abs(now - datetime.now(UTC)) < timedelta(minutes=5)
