@@ -13,7 +13,7 @@ from mqfleet.cli.durations import parse_duration
 from mqfleet.cli.exitcodes import ExitCode
 from mqfleet.cli.outcomes import RunReport, TargetOutcome
 from mqfleet.protocol import CommandFinished
-from mqfleet.store.queries import CommandDetail, CommandRow, MetricRow, NodeRow
+from mqfleet.store.queries import CommandDetail, CommandRow, MetricRow, NodeDetail, NodeRow
 
 NOW = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
 
@@ -292,3 +292,29 @@ def test_run_json_document() -> None:
     assert first["completed_at"] == "2026-11-30T12:00:00.040000Z"
     assert doc["results"][1]["status"] == "queued"
     assert doc["expires_at"] == "2026-11-30T12:10:00Z"
+
+
+def test_node_supplied_text_is_shown_escaped_never_executed() -> None:
+    # hostname, address, os, agent version and reason come from the node: an agent (or a
+    # forged status) must not be able to drive the operator's terminal.
+    evil = msgspec.structs.replace(
+        node("web-1", status="error"),
+        hostname="h\x1b[2Jx",
+        ip_address="10.0.0.1\x07",
+        agent_version="1.0\x1b]0;pwned\x07",
+        status_reason="disk\rfull",
+        os_info="Linux\x1b[31m",
+    )
+    table = render.nodes_table([evil], NOW, colour=False)
+    detail = render.node_detail_text(
+        NodeDetail(node=evil, latest_metric=None, recent_metric_count=0),
+        NOW,
+        colour=False,
+        window="1h",
+    )
+    for text in (table, detail):
+        assert "\x1b" not in text
+        assert "\x07" not in text
+        assert "\r" not in text
+        assert "h\\x1b[2Jx" in text
+    assert "Linux\\x1b[31m" in detail

@@ -103,6 +103,11 @@ def safe_text(text: str) -> str:
     return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def _field(text: str) -> str:
+    """Make a node-supplied field (hostname, reason, ...) terminal-safe; fast when clean."""
+    return text if text.isprintable() else safe_text(text)
+
+
 def rfc3339(value: datetime | None) -> str | None:
     """RFC 3339 UTC with a ``Z`` (None stays None)."""
     if value is None:
@@ -282,10 +287,10 @@ def nodes_table(nodes: Sequence[NodeRow], now: datetime, *, colour: bool) -> str
             n.node_id,
             n.status,
             format_age(n.last_heartbeat, now),
-            n.hostname,
-            n.ip_address,
-            n.agent_version or "-",
-            n.status_reason or "",
+            _field(n.hostname),
+            _field(n.ip_address),
+            _field(n.agent_version or "-"),
+            _field(n.status_reason or ""),
         ]
         for n in nodes
     ]
@@ -330,16 +335,16 @@ def node_detail_text(detail: NodeDetail, now: datetime, *, colour: bool, window:
     n = detail.node
     status = style_state(n.status, colour=colour)
     if n.status_reason:
-        status += f" ({n.status_reason})"
+        status += f" ({_field(n.status_reason)})"
     lines = [
         f"node:          {n.node_id}",
         f"status:        {status}",
         f"last seen:     {format_age(n.last_heartbeat, now)}"
         + (f" ({rfc3339(n.last_heartbeat)})" if n.last_heartbeat else ""),
-        f"hostname:      {n.hostname}",
-        f"ip address:    {n.ip_address}",
-        f"os:            {n.os_info or '-'}",
-        f"agent:         {n.agent_version or '-'} (session {n.session})",
+        f"hostname:      {_field(n.hostname)}",
+        f"ip address:    {_field(n.ip_address)}",
+        f"os:            {_field(n.os_info or '-')}",
+        f"agent:         {_field(n.agent_version or '-')} (session {n.session})",
         f"interval:      {_number(n.interval_s, ' s')}",
         f"registered:    {format_age(n.registered_at, now)} ({rfc3339(n.registered_at)})",
     ]
