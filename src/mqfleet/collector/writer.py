@@ -20,7 +20,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -95,9 +95,11 @@ _METRIC_COLUMNS: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
+class Inbound(NamedTuple):
     """One MQTT message as paho handed it over, waiting for its row to be committed."""
+
+    # A named tuple, not a frozen dataclass: paho's thread makes one per message, and
+    # a tuple costs a third of the frozen dataclass's __init__.
 
     #: None when the topic was not valid UTF-8 (paho raises on access).
     topic: str | None
@@ -136,8 +138,8 @@ class BatchOutcome:
     redeliveries: list[Redelivery] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class _Decoded:
+class _Decoded(NamedTuple):
+    # A named tuple: one per message, cheaper to make than a frozen dataclass.
     kind: str
     report: MetricsReport | StatusReport | CommandRequest | CommandStarted | CommandFinished
     received_at: datetime
@@ -448,6 +450,13 @@ class StoreWriter:
             ).where(_NODES.c.node_id.in_(node_ids))
         ).all()
         known = {row.node_id: row for row in rows}
+        # The session of each node that is offline only for its silence, read off the
+        # rows once per batch, not once per sample.
+        silent = {
+            row.node_id: row.session
+            for row in rows
+            if row.status == "offline" and row.status_reason == HEARTBEAT_TIMEOUT
+        }
         now = utc_now()
         bind_time = self._bind_time
         # created_at: one now() per batch (the column default is a Python now() per row,
@@ -458,8 +467,7 @@ class StoreWriter:
         rows_out: list[tuple[object, ...]] = []
         for report, received in metrics:
             node_id = report.node_id
-            row = known.get(node_id)
-            if row is None and node_id not in created:
+            if node_id not in known and node_id not in created:
                 # Metrics from a node whose birth we never saw: register it from what
                 # we know; its birth fills in the rest when it comes.
                 conn.execute(
@@ -476,12 +484,7 @@ class StoreWriter:
                 )
                 created.add(node_id)
                 log.info("node %s registered from its metrics", node_id)
-            elif (
-                row is not None
-                and row.status == "offline"
-                and row.status_reason == HEARTBEAT_TIMEOUT
-                and report.session == row.session
-            ):
+            elif silent.get(node_id) == report.session:
                 # Silence was the only evidence against it: fresh samples from the same
                 # connection prove it alive (a hung agent recovered, or we were away).
                 revive.add(node_id)

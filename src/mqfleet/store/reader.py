@@ -59,7 +59,9 @@ def sqlite_time_text(value: datetime) -> str:
     """
     if value.tzinfo is not UTC:
         value = _naive_refused(value).astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+    # Cut the "+00:00" a UTC datetime always ends with: cheaper than replace(tzinfo=None)
+    # first, and the collector formats every metric's time here.
+    return value.isoformat(" ", "microseconds")[:-6]
 
 
 def postgres_time(value: datetime) -> datetime:
