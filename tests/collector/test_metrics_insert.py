@@ -1,7 +1,8 @@
 """The writer's bulk metrics insert stores exactly what SQLAlchemy's Core insert stored.
 
-The collector binds metrics itself and hands tuples to the driver's executemany (its
-hottest path). Rows it writes must read back the same as rows written the old way,
+The collector binds metrics itself and hands them straight to the driver (its hottest
+path: SQLite's executemany of tuples, one array per column on PostgreSQL). Rows it
+writes must read back the same as rows written the old way,
 ``conn.execute(insert(...).on_conflict_do_nothing(...), dicts)`` through UTCDateTime:
 as raw driver values, through SQLModel, and through the CLI's reader.
 """
@@ -205,3 +206,16 @@ def test_redelivered_metrics_are_stored_once(db: sa.Engine, written: object) -> 
     del written
     write_fast(db)  # the same batch again, as after a retry or a QoS 1 redelivery
     assert raw(db, FAST) == raw(db, CORE)
+
+
+def test_a_sample_twice_in_one_batch_is_stored_once(db: sa.Engine) -> None:
+    # QoS 1 may deliver a sample again before its first copy was committed: both
+    # copies then land in the same batch, which is one statement on PostgreSQL.
+    first, second = reports(FAST)[:2]
+    writer = StoreWriter(db, topics=TOPICS, default_interval_s=10.0)
+    batch = [
+        Inbound(TOPICS.metrics(FAST), encode(report), mid, 1, False, time.time(), 1)  # noqa: FBT003 - positional as paho's thread builds it
+        for mid, report in enumerate([first, second, first, first], start=1)
+    ]
+    assert writer.write_batch(batch).invalid == 0
+    assert [row[-1] for row in raw(db, FAST)] == [first.seq, second.seq]
