@@ -117,3 +117,19 @@ async def test_unreachable_database_is_a_one_line_store_error(
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("cannot reach database postgresql+psycopg://nobody@127.0.0.1:1/none")
+
+
+async def test_messages_after_idle_spells_wake_the_writer(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # paho's thread appends without a lock; the writer, finding nothing, raises an idle
+    # flag that the next message must see, or it would sit unwritten and unacked.
+    collector = Collector(make_settings())
+    client = FakeClient()
+    writer = FlakyWriter(client, failures=0)
+    async with write_loop(collector, writer, client):
+        for mid in range(1, 6):
+            await wait_until(lambda: collector._writer_idle, what="writer idle")
+            deliver(collector, mid)
+            await wait_until(lambda m=mid: m in client.acks, what=f"ack of {mid}")
+    assert client.acks == list(range(1, 6))

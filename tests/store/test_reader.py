@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy.dialects import postgresql, sqlite
 
-from mqfleet.store.reader import open_reader, utc_value
+from mqfleet.store.reader import open_reader, postgres_time, sqlite_time_text, utc_value
 from mqfleet.store.types import UTCDateTime
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SQLITE = sqlite.dialect()  # type: ignore[no-untyped-call]
 POSTGRES = postgresql.dialect()  # type: ignore[no-untyped-call]
@@ -67,15 +71,16 @@ def test_none_stays_none() -> None:
     assert utc_value(None) is None
 
 
-@pytest.mark.parametrize(
-    "value",
-    [
-        datetime(2026, 11, 30, 12, 0, tzinfo=UTC),
-        datetime(2026, 11, 30, 12, 0, 0, 999_999, tzinfo=UTC),
-        datetime(2026, 11, 30, 8, 0, 1, 5, tzinfo=ZoneInfo("America/New_York")),
-        datetime(5, 1, 2, 3, 4, 5, tzinfo=UTC),  # years below 1000 keep four digits
-    ],
-)
+BIND_VALUES = [
+    datetime(2026, 11, 30, 12, 0, tzinfo=UTC),
+    datetime(2026, 11, 30, 12, 0, 0, 999_999, tzinfo=UTC),
+    datetime(2026, 11, 30, 8, 0, 1, 5, tzinfo=ZoneInfo("America/New_York")),
+    datetime(2026, 11, 30, 8, 0, 1, 5, tzinfo=ZoneInfo("UTC")),  # UTC, but not datetime.UTC
+    datetime(5, 1, 2, 3, 4, 5, tzinfo=UTC),  # years below 1000 keep four digits
+]
+
+
+@pytest.mark.parametrize("value", BIND_VALUES)
 def test_sqlite_binds_compare_as_sqlalchemy_stores_them(sqlite_url: str, value: datetime) -> None:
     # A `--since` bound must be the very text UTCDateTime stores, or SQLite's string
     # comparison of the two would be off.
@@ -87,6 +92,25 @@ def test_sqlite_binds_compare_as_sqlalchemy_stores_them(sqlite_url: str, value: 
     connect(sqlite_url.removeprefix("sqlite:///")).close()  # an empty database
     with open_reader(sqlite_url) as reader:
         assert reader.bind_time(value) == stored
+
+
+@pytest.mark.parametrize("value", BIND_VALUES)
+def test_bind_functions_give_what_utcdatetime_binds(value: datetime) -> None:
+    # The collector's bulk metrics insert binds with these, bypassing UTCDateTime.
+    stored = sqlite.DATETIME().bind_processor(SQLITE)(  # type: ignore[misc]
+        UTCDateTime().process_bind_param(value, SQLITE)
+    )
+    assert sqlite_time_text(value) == stored
+    assert utc_value(sqlite_time_text(value)) == value
+    pg = postgres_time(value)
+    assert pg == UTCDateTime().process_bind_param(value, POSTGRES)
+    assert pg.tzinfo is UTC
+
+
+@pytest.mark.parametrize("bind", [sqlite_time_text, postgres_time])
+def test_bind_functions_refuse_naive_times(bind: Callable[[datetime], object]) -> None:
+    with pytest.raises(ValueError, match="naive datetime"):
+        bind(datetime(2026, 1, 1))  # noqa: DTZ001 - the point
 
 
 def test_naive_binds_are_refused(sqlite_url: str) -> None:

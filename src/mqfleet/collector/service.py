@@ -3,8 +3,10 @@
 Threads, and why:
 
 * paho's network thread reads the socket and calls :meth:`Collector._on_message`, which
-  only appends the message to a list under a lock (no decoding, no I/O), so the socket
-  is drained at full speed.
+  only appends the message to a deque (no lock, no decoding, no I/O), so the socket is
+  drained at full speed. It is the bottleneck of ingest: paho's own per-message Python
+  work takes most of it, and every other thread's Python work competes with it for the
+  GIL, which is why the database thread's hot path binds rows itself.
 * One database thread (a single-worker executor) decodes and commits batches and runs
   the staleness, expiry and retention queries. A dedicated thread keeps blocking
   SQLite/PostgreSQL calls off the event loop, and a single one means our own writes
@@ -22,6 +24,7 @@ moment leaves every uncommitted message queued at the broker for our persistent 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -151,10 +154,14 @@ class Collector:
         self._retention_check_s = retention_check_s
         self._topics = settings.topics
         self._collector_status_topic = self._topics.collector_status()
-        # Shared with paho's network thread, guarded by _lock.
-        self._lock = threading.Lock()
-        self._buffer: list[Inbound] = []
+        # Shared with paho's network thread. paho's thread appends to _inbox and the
+        # loop pops from it, with no lock: deque.append and popleft are atomic, and
+        # _on_message must never wait for the loop (see _take for the idle handshake).
+        self._inbox: collections.deque[Inbound] = collections.deque()
         self._writer_idle = False
+        # paho's thread changes _generation (on connect/disconnect) under _lock; _ack
+        # holds it while acknowledging, so no ack crosses to a new connection.
+        self._lock = threading.Lock()
         self._generation = 0
         self._listening_since: datetime | None = None  # set while connected
         # Loop-side state.
@@ -383,7 +390,9 @@ class Collector:
         log.warning("cannot reach broker %s; retrying", self.settings.broker)
 
     def _on_message(self, _client: Client, _userdata: object, message: MQTTMessage) -> None:
-        # Runs on paho's network thread for every message: keep it to an append.
+        # Runs on paho's network thread for every message, and that thread is the
+        # collector's bottleneck (it shares the GIL with the database thread): an
+        # append, no lock, no decoding. _generation is only changed on this thread.
         try:
             topic: str | None = message.topic
         except UnicodeDecodeError:
@@ -392,21 +401,23 @@ class Collector:
         if topic == self._collector_status_topic:
             self._answer_collector_status(bytes(payload))
             return
-        item = Inbound(
-            topic,
-            payload if isinstance(payload, bytes) else bytes(payload),
-            message.mid,
-            message.qos,
-            bool(message.retain),
-            time.time(),
-            self._generation,
+        self._inbox.append(
+            Inbound(
+                topic,
+                payload if isinstance(payload, bytes) else bytes(payload),
+                message.mid,
+                message.qos,
+                bool(message.retain),
+                time.time(),
+                self._generation,
+            )
         )
-        with self._lock:
-            self._buffer.append(item)
-            wake = self._writer_idle
+        if self._writer_idle:
+            # The writer found the inbox empty and waits (see _take): wake it, once.
             self._writer_idle = False
-        if wake and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wakeup.set)
+            loop = self._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self._wakeup.set)
 
     def _answer_collector_status(self, payload: bytes) -> None:
         """Say "online" again when another collector's Will says "offline".
@@ -450,20 +461,23 @@ class Collector:
                     client.ack(msg.mid, msg.qos)
 
     def _buffered(self) -> int:
-        with self._lock:
-            return len(self._buffer)
+        return len(self._inbox)
 
     def _take(self) -> list[Inbound]:
-        size = self.settings.batch_size
-        with self._lock:
-            if len(self._buffer) <= size:
-                batch, self._buffer = self._buffer, []
-            else:
-                batch = self._buffer[:size]
-                del self._buffer[:size]
-            if not batch:
-                self._writer_idle = True
-        return batch
+        """Pop up to ``batch_size`` messages; when there are none, mark the writer idle.
+
+        The handshake with :meth:`_on_message` needs no lock because the GIL orders
+        every step: we raise the idle flag *then* look at the inbox, paho's thread
+        appends *then* looks at the flag. So either we see its message, or it sees
+        our flag and wakes us (at worst both: one spurious wake-up).
+        """
+        inbox = self._inbox
+        if not inbox:
+            self._writer_idle = True
+            if not inbox:
+                return []
+            self._writer_idle = False
+        return [inbox.popleft() for _ in range(min(len(inbox), self.settings.batch_size))]
 
     def _republish(self, outcome: BatchOutcome) -> None:
         client = self._client

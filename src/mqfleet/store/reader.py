@@ -7,7 +7,8 @@ than the reads (issue 5: a whole ``mqfleet nodes`` of 10,000 nodes in 300 ms). A
 connection and turns every driver error into a one-line
 :class:`~mqfleet.errors.StoreError`. It reads what the collector writes through
 SQLAlchemy, so it binds and parses values exactly as :class:`~mqfleet.store.types.UTCDateTime`
-stores them.
+stores them. :func:`sqlite_time_text` and :func:`utc_value` are the one place that knows
+that SQLite text: the collector's bulk metrics insert binds its times with them too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "StoreReader",
     "open_reader",
+    "postgres_time",
+    "sqlite_time_text",
     "utc_value",
 ]
 
@@ -46,6 +49,37 @@ _UTC_SESSION: Final = "-c TimeZone=UTC"
 #: PostgreSQL's SQLSTATE codes for a missing table and a missing column.
 _UNDEFINED_TABLE: Final = "42P01"
 _UNDEFINED_COLUMN: Final = "42703"
+
+
+def sqlite_time_text(value: datetime) -> str:
+    """Return an aware datetime as the naive UTC text ``UTCDateTime`` stores in SQLite.
+
+    ``2026-11-30 12:00:00.000000``: SQLAlchemy's SQLite ``DATETIME`` format of the naive
+    UTC datetime ``UTCDateTime`` binds, which :func:`utc_value` reads back. SQLite
+    compares these strings, so a bound and a stored time must be the very same text.
+    Naive values are refused with ``ValueError``, as ``UTCDateTime`` refuses them.
+    """
+    if value.tzinfo is not UTC:
+        value = _naive_refused(value).astimezone(UTC)
+    # Cut the "+00:00" a UTC datetime always ends with: cheaper than replace(tzinfo=None)
+    # first, and the collector formats every metric's time here.
+    return value.isoformat(" ", "microseconds")[:-6]
+
+
+def postgres_time(value: datetime) -> datetime:
+    """Return an aware datetime in UTC, as ``UTCDateTime`` binds it for ``timestamptz``.
+
+    Naive values are refused with ``ValueError``, as ``UTCDateTime`` refuses them.
+    """
+    return value if value.tzinfo is UTC else _naive_refused(value).astimezone(UTC)
+
+
+def _naive_refused(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        # As UTCDateTime: a silent local-time guess is a bug, not a query.
+        msg = f"naive datetime {value!r} given to a UTC column"
+        raise ValueError(msg)
+    return value
 
 
 def utc_value(value: str | datetime | None) -> datetime | None:
@@ -137,13 +171,6 @@ class StoreReader(ABC):
             )
         return StoreError(f"cannot read database {self.where}: {reason}")
 
-    @staticmethod
-    def _naive_refused(value: datetime) -> None:
-        if value.tzinfo is None:
-            # As UTCDateTime: a silent local-time guess is a bug, not a query.
-            msg = f"naive datetime {value!r} given to a UTC column"
-            raise ValueError(msg)
-
 
 class _SQLiteReader(StoreReader):
     backend = "sqlite"
@@ -179,8 +206,7 @@ class _SQLiteReader(StoreReader):
 
     def bind_time(self, value: datetime) -> object:
         """Naive UTC text in UTCDateTime's storage format: SQLite compares the strings."""
-        self._naive_refused(value)
-        return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        return sqlite_time_text(value)
 
     def close(self) -> None:
         """Close the connection."""
@@ -216,9 +242,8 @@ class _PostgresReader(StoreReader):
         return self._conn.execute(sql, params, binary=True).fetchall()
 
     def bind_time(self, value: datetime) -> object:
-        """Pass the aware datetime on: psycopg sends it as timestamptz."""
-        self._naive_refused(value)
-        return value
+        """Pass the aware datetime on in UTC: psycopg sends it as timestamptz."""
+        return postgres_time(value)
 
     def close(self) -> None:
         """Close the connection."""

@@ -1,8 +1,9 @@
 """Column types of the SQLModel tables that SQLAlchemy lacks.
 
 ``mqfleet.store.models`` re-exports :class:`UTCDateTime` under its old name. The CLI's
-readers (``store.reader``, no SQLAlchemy) parse and bind exactly the SQLite storage
-format it produces: keep the two in step.
+readers and the collector's bulk metrics insert bypass it: ``store.reader``'s
+``sqlite_time_text``/``postgres_time`` bind and ``utc_value`` parses exactly what it
+stores (tests/store/test_reader.py compares them): keep the two in step.
 """
 
 from __future__ import annotations
