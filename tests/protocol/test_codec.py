@@ -347,3 +347,18 @@ def test_truncate_for_log() -> None:
     long = truncate_for_log(b"x" * 1000, limit=10)
     assert long == "xxxxxxxxxx... (1000 chars)"
     assert truncate_for_log(b"\xff") == "\ufffd"
+
+
+@pytest.mark.parametrize("field", ["session", "seq"])
+def test_session_and_seq_fit_the_64_bit_columns(field: str) -> None:
+    # Both are BIGINT in the store: a bigger value must be refused here, as a protocol
+    # error, not reach SQLite as an OverflowError that would stop the collector's writer.
+    largest = json.loads(encode(sample_metrics()))
+    largest[field] = 2**63 - 1
+    assert getattr(decode_metrics(json.dumps(largest).encode()), field) == 2**63 - 1
+    largest[field] = 2**63
+    with pytest.raises(ProtocolError, match=field):
+        decode_metrics(json.dumps(largest).encode())
+    status = {"v": 1, "node_id": "web-01", "status": "offline", "session": 2**63}
+    with pytest.raises(ProtocolError, match="session"):
+        decode_status(json.dumps(status).encode())

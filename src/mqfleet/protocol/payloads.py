@@ -107,7 +107,10 @@ CommandId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")]
 # not to coerce, and neither a float nor a bool is an int. (A JSON integer is still a
 # valid float.) JSON has no NaN or infinity, and a bound refuses both anyway.
 Percent = Annotated[float, Meta(ge=0.0, le=100.0)]
-Session = Annotated[int, Meta(ge=1)]
+#: Largest session and seq: both are stored in 64-bit signed columns (BIGINT); a bigger
+#: one is a protocol error at decode time, never a database error that stops ingest.
+INT64_MAX: Final = 2**63 - 1
+Session = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 ShortText = Annotated[str, Meta(max_length=255)]
 
 
@@ -176,7 +179,7 @@ class MetricsReport(_Payload, kw_only=True, frozen=True):
     node_id: NodeId
     session: Session
     #: Increases per session, so gaps and duplicates are visible.
-    seq: Annotated[int, Meta(ge=0)]
+    seq: Annotated[int, Meta(ge=0, le=INT64_MAX)]
     ts: UtcDatetime
     cpu_usage: Percent
     memory_usage: Percent
