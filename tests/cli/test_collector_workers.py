@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import subprocess
 import sys
 import textwrap
 import time
@@ -67,12 +68,14 @@ CRASHING = """
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     time.sleep(60)
 """
+# Says "ready" in $READY once its SIGTERM handler is in place, which writes $STOPPED.
 SLEEPER = """
     import os, signal, sys, time
     def stop(*_):
         open(os.environ["STOPPED"], "w").write("SIGTERM")
         sys.exit(0)
     signal.signal(signal.SIGTERM, stop)
+    open(os.environ["READY"], "w").write("ready")
     time.sleep(60)
 """
 
@@ -83,7 +86,7 @@ async def test_a_worker_that_dies_is_restarted_under_the_same_spec(tmp_path: Pat
     supervisor = WorkerSupervisor([spec], restart_initial_s=0.01)
     async with running(supervisor):
         await wait_until(lambda: supervisor.restarts["w-1"] == 2, "two restarts")
-        await wait_until(lambda: "w-1" in supervisor.pids, "the third start running")
+        await wait_until(lambda: len(starts.read_text().splitlines()) == 3, "a third start")
         pid = supervisor.pids["w-1"]
     # Same name, same environment each time: the collector id a restart must keep.
     assert [line.split()[1] for line in starts.read_text().splitlines()] == ["w-1"] * 3
@@ -107,18 +110,20 @@ async def test_the_restart_delay_doubles_up_to_its_cap(tmp_path: Path) -> None:
 async def test_a_fatal_exit_stops_the_service_with_the_worker_s_code_and_line(
     tmp_path: Path,
 ) -> None:
-    stopped = tmp_path / "stopped"
+    stopped, ready = tmp_path / "stopped", tmp_path / "ready"
     failing = script_worker(
         "w-1",
         """
-        import time
-        time.sleep(0.5)
+        import os, time
+        while not os.path.exists(os.environ["READY"]):
+            time.sleep(0.01)
         print("collector log noise first")
         print("broker mqtt://h:1883 refused the collector: Bad user name or password")
         raise SystemExit(3)
         """,
+        READY=str(ready),
     )
-    sibling = script_worker("w-2", SLEEPER, STOPPED=str(stopped))
+    sibling = script_worker("w-2", SLEEPER, STOPPED=str(stopped), READY=str(ready))
     supervisor = WorkerSupervisor([failing, sibling], restart_initial_s=0.01)
     task = asyncio.create_task(supervisor.run())
     await wait_until(lambda: len(supervisor.pids) == 2, "both started")
@@ -145,20 +150,22 @@ async def test_a_fatal_exit_without_a_line_points_at_the_worker_s_messages() -> 
 async def test_cancelling_stops_every_worker_and_kills_one_that_ignores_sigterm(
     tmp_path: Path,
 ) -> None:
-    stopped = tmp_path / "stopped"
-    polite = script_worker("w-1", SLEEPER, STOPPED=str(stopped))
+    stopped, ready, ignoring = tmp_path / "stopped", tmp_path / "ready", tmp_path / "ignoring"
+    polite = script_worker("w-1", SLEEPER, STOPPED=str(stopped), READY=str(ready))
     stubborn = script_worker(
         "w-2",
         """
-        import signal, time
+        import os, signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open(os.environ["READY"], "w").write("ready")
         time.sleep(60)
         """,
+        READY=str(ignoring),
     )
     supervisor = WorkerSupervisor([polite, stubborn], stop_grace_s=1.0)
     task = asyncio.create_task(supervisor.run())
     await wait_until(lambda: len(supervisor.pids) == 2, "both started")
-    await asyncio.sleep(0.5)  # let them install their signal handlers
+    await wait_until(lambda: ready.exists() and ignoring.exists(), "signal handlers set")
     pids = supervisor.pids
     t0 = time.monotonic()
     task.cancel()
@@ -263,3 +270,28 @@ def test_bad_worker_settings_are_one_line_and_exit_2(
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("mqfleet: error: ")
     assert message in result.stderr
+
+
+def test_the_supervisor_never_imports_the_collector_or_the_database_layer() -> None:
+    # It only watches processes: it stays a small process next to its N workers.
+    code = """
+        import sys
+        import mqfleet.cli.workers as workers
+        from mqfleet.cli import cli
+        seen = {}
+        def fake_serve(entry, settings):
+            seen["heavy"] = [m for m in ("sqlalchemy", "sqlmodel", "paho", "aiomqtt",
+                                         "mqfleet.collector") if m in sys.modules]
+        workers.serve = fake_serve
+        workers._migrate = lambda state, settings: 0
+        try:
+            cli.main(["--broker", "mqtt://127.0.0.1:1", "collector", "--workers", "2"])
+        except SystemExit as exc:
+            assert exc.code == 0, exc.code
+        print(seen)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.stdout.strip() == "{'heavy': []}", done.stderr

@@ -251,7 +251,9 @@ async def test_a_killed_worker_is_restarted_and_nothing_is_lost_or_doubled(
     log = service.log()
     assert "was killed by SIGKILL; restarting it in 1.0s" in log
     assert "Traceback" not in log
-    assert "database error" not in log  # SQLite: writers wait for the lock, never fail
+    if migrated_url.startswith("sqlite"):
+        # Two writer processes on one file wait for the write lock, never fail on it.
+        assert "database error" not in log
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
