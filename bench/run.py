@@ -54,6 +54,7 @@ from mqfleet.protocol import (
     MetricsReport,
     StatusReport,
     Topics,
+    decode_collector_status,
     decode_metrics,
     decode_result,
     encode,
@@ -172,15 +173,22 @@ def metric_messages(nodes: list[str], count: int) -> list[tuple[str, bytes, bool
     return out
 
 
-def start_collector(b: object, url: str, work: Path, name: str = "collector") -> object:
-    """Start the collector and wait until its retained status says online (subscribed)."""
-    collector = start(name, mqfleet_argv(b.url, url, "collector"), work)  # type: ignore[attr-defined]
+def start_collector(
+    b: object, url: str, work: Path, name: str = "collector", workers: int = 1
+) -> object:
+    """Start the collector and wait until each worker's retained status says online."""
+    args = ["collector", "--workers", str(workers)] if workers > 1 else ["collector"]
+    collector = start(name, mqfleet_argv(b.url, url, *args), work)  # type: ignore[attr-defined]
+    online_ids: set[str] = set()
     online = threading.Event()
     watcher = paho()
 
     def on_message(_c: object, _u: object, message: object) -> None:
-        if b'"online"' in message.payload:  # type: ignore[attr-defined]
-            online.set()
+        status = decode_collector_status(message.payload)  # type: ignore[attr-defined]
+        if status.status == "online":
+            online_ids.add(status.collector_id)
+            if len(online_ids) >= workers:
+                online.set()
 
     watcher.on_message = on_message
     connect(watcher, b.port)  # type: ignore[attr-defined]
@@ -190,24 +198,30 @@ def start_collector(b: object, url: str, work: Path, name: str = "collector") ->
     if not ok:
         raise TimeoutError(f"collector not online:\n{collector.tail()}")  # type: ignore[attr-defined]
     # Its subscriptions are sent right before the online status, on the same connection.
-    time.sleep(0.2)
+    time.sleep(0.5 if workers > 1 else 0.2)
     return collector
 
 
 # -- 1. ingest ---------------------------------------------------------------------------
-def bench_ingest(table: Table, kind: str, messages: int) -> None:
-    """Collector drain rate of pre-queued metrics vs paho drain and raw executemany."""
-    print(f"[ingest/{kind}] {messages} metrics", flush=True)
-    nodes = [f"ing-{i:04d}" for i in range(100)]
-    payloads = metric_messages(nodes, messages)
-    with workdir(f"ingest-{kind}") as work, broker(work) as b, database(kind, work) as url:
-        collector = start_collector(b, url, work)
+def collector_drain(
+    kind: str, nodes: list[str], payloads: list[tuple[str, bytes, bool]], workers: int
+) -> tuple[float, int, int, float]:
+    """Drain pre-queued metrics with ``collector [--workers N]``.
+
+    Returns rows/s, rows stored, distinct rows and the publisher's rate.
+    """
+    messages = len(payloads)
+    label = f"ingest-{kind}-{workers}w"
+    with workdir(label) as work, broker(work) as b, database(kind, work) as url:
+        collector = start_collector(b, url, work, workers=workers)
         publish_all(b.port, births(nodes))
         wait_for(lambda: scalar(url, "select count(*) from nodes") == len(nodes), 60, "births")
-        # Stop it: the broker keeps its persistent session and queues what follows.
+        # Stop it: the broker keeps its persistent session(s) and queues what follows
+        # (a worker's share of the group in its own session).
         collector.stop()
         publish_rate = publish_all(b.port, payloads)
-        collector = start("collector2", mqfleet_argv(b.url, url, "collector"), work)
+        args = ["collector", "--workers", str(workers)] if workers > 1 else ["collector"]
+        collector = start("collector2", mqfleet_argv(b.url, url, *args), work)
         count = lambda: int(scalar(url, "select count(*) from node_metrics") or 0)  # noqa: E731
         wait_for(lambda: count() > 0, 60, "first rows", poll_s=0.02)
         t0, c0 = time.perf_counter(), count()
@@ -215,27 +229,34 @@ def bench_ingest(table: Table, kind: str, messages: int) -> None:
         rate = (messages - c0) / (time.perf_counter() - t0)
         collector.stop()
         stored = count()
-        distinct = scalar(
-            url, "select count(*) from (select distinct node_id, session, seq from node_metrics) d"
+        distinct = int(
+            scalar(
+                url,
+                "select count(*) from (select distinct node_id, session, seq from node_metrics) d",
+            )
+            or 0
         )
+    return rate, stored, distinct, publish_rate
+
+
+def bench_ingest(table: Table, kind: str, messages: int) -> None:
+    """Collector drain rate of queued metrics (1 and 2 workers) vs paho drain, executemany."""
+    print(f"[ingest/{kind}] {messages} metrics", flush=True)
+    nodes = [f"ing-{i:04d}" for i in range(100)]
+    payloads = metric_messages(nodes, messages)
+    results = {workers: collector_drain(kind, nodes, payloads, workers) for workers in (1, 2)}
     drain = paho_drain_rate(payloads)
     raw = executemany_rate(kind, messages)
-    loss = messages - stored
-    ok = rate >= 20_000 and loss == 0 and distinct == stored
-    note = f"{stored}/{messages} stored, {loss} lost; publisher {publish_rate:,.0f}/s"
+    for workers, (rate, stored, distinct, publish_rate) in results.items():
+        loss = messages - stored
+        ok = rate >= 20_000 and loss == 0 and distinct == stored
+        note = f"{stored}/{messages} stored, {loss} lost; publisher {publish_rate:,.0f}/s"
+        name = f"1. ingest {kind}" + (f", collector --workers {workers}" if workers > 1 else "")
+        target = ">= 20,000/s, 0 lost"
+        table.add(Row(name, rate, "msg/s", "bare paho drain", drain, target, ok, note))
     table.add(
-        Row(
-            f"1. ingest {kind}",
-            rate,
-            "msg/s",
-            "bare paho drain",
-            drain,
-            ">= 20,000/s, 0 lost",
-            ok,
-            note,
-        )
+        Row(f"1. ingest {kind} vs DB", results[1][0], "msg/s", "raw executemany", raw, "", None)
     )
-    table.add(Row(f"1. ingest {kind} vs DB", rate, "msg/s", "raw executemany", raw, "", None))
 
 
 def paho_drain_rate(payloads: list[tuple[str, bytes, bool]]) -> float:

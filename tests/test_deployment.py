@@ -192,6 +192,8 @@ def test_collector_unit_is_sandboxed() -> None:
     assert service["DynamicUser"] == "yes"
     assert service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict"
+    # collector --workers N: the supervisor alone gets SIGTERM and stops its workers.
+    assert service["KillMode"] == "mixed"
 
 
 def test_mosquitto_drop_in_raises_the_open_files_limit() -> None:

@@ -329,6 +329,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "batch_size": ("17", 17),
     "flush_interval_s": ("0.1", 0.1),
     "receive_maximum": ("100", 100),
+    "collector_workers": ("4", 4),
 }
 
 

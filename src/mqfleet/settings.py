@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_BROKER_URL",
     "DEFAULT_COLLECTOR_ID",
     "DEFAULT_METRICS_INTERVAL_S",
+    "MAX_COLLECTOR_WORKERS",
     "BrokerAddress",
     "Settings",
     "default_config_file",
@@ -48,6 +49,8 @@ ENV_PREFIX: Final = "MQFLEET_"
 DEFAULT_BROKER_URL: Final = "mqtt://127.0.0.1:1883"
 DEFAULT_METRICS_INTERVAL_S: Final = 10.0
 DEFAULT_COLLECTOR_ID: Final = "mqfleet-collector"
+#: Most ingest worker processes one collector service runs (``collector --workers N``).
+MAX_COLLECTOR_WORKERS: Final = 64
 #: 24 h at the default interval, so a day-long broker outage loses no metric.
 DEFAULT_METRICS_BACKLOG: Final = 8640
 #: Where broker/mosquitto.conf keeps its password file and writes its pid.
@@ -222,6 +225,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, dict=True):
             description="MQTT 5 shared-subscription group for metrics and results; empty: none",
         ),
     ] = ""
+    collector_workers: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=MAX_COLLECTOR_WORKERS,
+            description="ingest worker processes of this collector (MQTT 5 shared subscription)",
+        ),
+    ] = 1
     retention_days: Annotated[float, Meta(gt=0, description="metrics older are pruned")] = 30.0
     batch_size: Annotated[int, Meta(ge=1, description="rows per transaction at most")] = 2000
     flush_interval_s: Annotated[float, Meta(gt=0, le=1.0, description="max batch delay")] = 0.5

@@ -34,6 +34,7 @@ from mqfleet.protocol import utc_now, validate_node_id
 from mqfleet.settings import load_settings
 
 if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop
     from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 
     from mqfleet.settings import Settings
@@ -63,6 +64,7 @@ LAZY_COMMANDS: Final[Mapping[str, str]] = {
     "simulate": "mqfleet.cli.simulate",
     "up": "mqfleet.cli.up",
 }
+_STDIN: Final = 0
 
 # Whether -v was given, read by the error handler after the click context is gone.
 _verbose = False
@@ -114,16 +116,26 @@ class CliState:
         return args
 
 
-def configure_logging(*, verbose: bool, level: int | None = None) -> None:
-    """Log to stderr: DEBUG with -v, else ``level`` (WARNING if None; entry points only)."""
+def configure_logging(
+    *, verbose: bool, level: int | None = None, label: str | None = None
+) -> None:
+    """Log to stderr: DEBUG with -v, else ``level`` (WARNING if None; entry points only).
+
+    ``label`` goes into every line, in brackets: the id of a collector worker, whose
+    lines share the supervisor's stderr with its siblings'.
+    """
     import logging  # noqa: PLC0415 - the read commands start without it
 
     root = logging.getLogger()
-    if not any(h.get_name() == _HANDLER_NAME for h in root.handlers):
+    handler = next((h for h in root.handlers if h.get_name() == _HANDLER_NAME), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         handler.set_name(_HANDLER_NAME)
         root.addHandler(handler)
+    fmt = _LOG_FORMAT
+    if label is not None:
+        fmt = fmt.replace("%(name)s", f"[{label.replace('%', '%%')}] %(name)s")
+    handler.setFormatter(logging.Formatter(fmt))
     root.setLevel(logging.DEBUG if verbose else (level or logging.WARNING))
     # Alembic announces each of its plugins at INFO on every start; only -v wants that.
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -454,8 +466,34 @@ def db_upgrade(state: CliState) -> int:
 
 
 # -- services ------------------------------------------------------------------------
-def serve(entry: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings) -> None:
-    """Run a service until SIGTERM/SIGINT, which cancel it so it can shut down cleanly."""
+def _on_end_of_stdin(loop: AbstractEventLoop, stop: Callable[[str], None]) -> None:
+    """Call ``stop`` when stdin ends: the supervisor holding the pipe's other end is gone."""
+
+    def on_readable() -> None:
+        try:
+            data = os.read(_STDIN, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(_STDIN)
+            stop("end of stdin (the supervisor is gone)")
+
+    loop.add_reader(_STDIN, on_readable)
+
+
+def serve(
+    entry: Callable[[Settings], Coroutine[Any, Any, None]],
+    settings: Settings,
+    *,
+    supervised: bool = False,
+) -> None:
+    """Run a service until SIGTERM/SIGINT, which cancel it so it can shut down cleanly.
+
+    ``supervised`` is for the workers of ``collector --workers N``: they stop too when
+    their stdin closes (the supervisor is gone, even SIGKILLed), and only the first
+    stop request counts (systemd signals every process of a unit while the supervisor
+    forwards its own signal; the supervisor escalates to SIGKILL itself).
+    """
     import asyncio  # noqa: PLC0415 - lean start-up: the read commands never need it
     import logging  # noqa: PLC0415 - idem
     import signal  # noqa: PLC0415 - idem
@@ -468,6 +506,8 @@ def serve(entry: Callable[[Settings], Coroutine[Any, Any, None]], settings: Sett
         signals_seen: list[str] = []
 
         def on_signal(name: str) -> None:
+            if supervised and signals_seen:
+                return
             signals_seen.append(name)
             # A second signal cancels again: it interrupts a shutdown that hangs
             # (e.g. publishing "offline" to a broker that is gone).
@@ -476,6 +516,8 @@ def serve(entry: Callable[[Settings], Coroutine[Any, Any, None]], settings: Sett
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig.name)
+        if supervised:
+            _on_end_of_stdin(loop, on_signal)
         try:
             await main_task
         except asyncio.CancelledError:
@@ -485,6 +527,8 @@ def serve(entry: Callable[[Settings], Coroutine[Any, Any, None]], settings: Sett
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            if supervised:
+                loop.remove_reader(_STDIN)
 
     asyncio.run(supervise())
 
@@ -510,13 +554,27 @@ def agent(state: CliState, node_id: str | None, interval: timedelta | None) -> i
 
 
 @cli.command()
+@click.option(
+    "--workers",
+    type=int,
+    metavar="N",
+    help="Ingest worker processes, 1-64 (collector_workers; default 1). Needs MQTT 5.",
+)
+@click.option("--worker", "as_worker", is_flag=True, hidden=True, help="One of --workers N's.")
 @pass_state
-def collector(state: CliState) -> int:
+def collector(state: CliState, workers: int | None, *, as_worker: bool) -> int:
     """Run the collector (records the fleet into the database) until SIGTERM/SIGINT."""
-    settings = state.settings(local_fleet=False)
+    settings = state.settings(local_fleet=False, collector_workers=workers)
     import logging  # noqa: PLC0415 - lean start-up of the read commands
 
-    configure_logging(verbose=state.verbose, level=logging.INFO)
+    label = settings.collector_id if as_worker else None
+    configure_logging(verbose=state.verbose, level=logging.INFO, label=label)
+    if as_worker or settings.collector_workers > 1:
+        from mqfleet.cli import workers as collector_workers  # noqa: PLC0415 - only this mode
+
+        if as_worker:
+            return collector_workers.serve_worker(settings)
+        return collector_workers.serve_workers(state, settings)
     from mqfleet.collector import run_collector  # noqa: PLC0415 - only this command needs it
 
     serve(run_collector, settings)

@@ -212,7 +212,7 @@ class Collector:
 
     def _open_store(self) -> Engine:
         url = self.settings.database_url
-        engine = create_store_engine(url)
+        engine = create_store_engine(url, writer=True)
         try:
             with engine.connect():
                 pass

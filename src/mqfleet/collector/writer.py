@@ -2,13 +2,15 @@
 
 Everything here is synchronous and runs on the collector's single database thread, so
 the writer, the staleness check, command expiry and retention never race each other
-for a row (and SQLite never sees two writers of ours at once).
+for a row (and one collector process never sees two writers of its own at once).
 
-Several collectors may share one PostgreSQL database (docs/SCALING.md). Every write that
-moves a state is therefore conditional in its own WHERE clause (session, command status,
-heartbeat), which PostgreSQL re-checks after waiting for a concurrent transaction's row
-lock: of two collectors applying the same change, exactly one wins, and only the winner
-redelivers, expires or reports. SQLite supports one collector.
+Several collectors (or the workers of ``collector --workers N``) may share one database
+(docs/SCALING.md). Every write that moves a state is therefore conditional in its own
+WHERE clause (session, command status, heartbeat), which PostgreSQL re-checks after
+waiting for a concurrent transaction's row lock: of two collectors applying the same
+change, exactly one wins, and only the winner redelivers, expires or reports. On SQLite
+(one host) each transaction holds the write lock from its ``BEGIN IMMEDIATE``
+(store.engine's writer engines), so collectors' transactions simply run one by one.
 
 Every write is idempotent: a batch that is retried after a transient error, or a QoS 1
 message the broker delivers twice, never creates a second row or moves a state back.

@@ -16,7 +16,7 @@ from mqfleet.store.reader import SQLITE_BUSY_TIMEOUT_MS
 from mqfleet.store.urls import parse_database_url
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import URL, Engine
+    from sqlalchemy.engine import URL, Connection, Engine
 
 __all__ = ["create_store_engine", "current_revision", "describe_url", "normalise_url", "upgrade"]
 
@@ -59,8 +59,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # noqa: ANN401 - DB
     cur.close()
 
 
-def create_store_engine(url: str, **kwargs: Any) -> Engine:  # noqa: ANN401
-    """Create an engine for ``url`` with mqfleet's connection settings."""
+def _sqlite_driver_autocommit(dbapi_conn: Any, _record: Any) -> None:  # noqa: ANN401 - DB-API objects are untyped
+    # pysqlite's own transaction handling sends BEGIN (deferred) only before the first
+    # INSERT/UPDATE/DELETE: switch it off, _sqlite_begin_immediate sends BEGIN instead.
+    dbapi_conn.isolation_level = None
+
+
+def _sqlite_begin_immediate(conn: Connection) -> None:
+    # Take SQLite's write lock when the transaction begins, not at its first write:
+    # several writer processes (collector workers) then run whole transactions one
+    # after the other, waiting in busy_timeout. A deferred transaction that reads and
+    # then writes while another process has committed fails at once with
+    # SQLITE_BUSY_SNAPSHOT instead (WAL mode; no busy handler helps it), and with
+    # pysqlite's late BEGIN its reads would not even be isolated from that commit.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_store_engine(url: str, *, writer: bool = False, **kwargs: Any) -> Engine:  # noqa: ANN401
+    """Create an engine for ``url`` with mqfleet's connection settings.
+
+    ``writer``: the engine of a process that writes while others may too (the
+    collector and its workers). On SQLite its transactions take the write lock at
+    ``BEGIN IMMEDIATE``, so concurrent writers serialize instead of failing; readers
+    (the CLI, WAL mode) are never blocked. No effect on PostgreSQL.
+    """
     parsed = normalise_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -71,6 +93,9 @@ def create_store_engine(url: str, **kwargs: Any) -> Engine:  # noqa: ANN401
                 raise StoreError(f"cannot create the directory of {database}: {exc}") from exc
         engine = sa.create_engine(parsed, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        if writer:
+            event.listen(engine, "connect", _sqlite_driver_autocommit)
+            event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return sa.create_engine(parsed, **kwargs)
