@@ -361,9 +361,11 @@ class StoreWriter:
             outcome.metrics += len(metrics)
             self._write_metrics(conn, metrics, heartbeats)
         if heartbeats:
+            # In node order: several collectors (--workers, collector_group) then lock the
+            # same rows in the same order and cannot deadlock each other on PostgreSQL.
             conn.execute(
                 self._touch_heartbeat,
-                [{"b_node": node, "b_hb": hb} for node, hb in heartbeats.items()],
+                [{"b_node": node, "b_hb": hb} for node, hb in sorted(heartbeats.items())],
             )
 
     # -- nodes ----------------------------------------------------------------------
