@@ -110,24 +110,28 @@ async def test_the_restart_delay_doubles_up_to_its_cap(tmp_path: Path) -> None:
 async def test_a_fatal_exit_stops_the_service_with_the_worker_s_code_and_line(
     tmp_path: Path,
 ) -> None:
-    stopped, ready = tmp_path / "stopped", tmp_path / "ready"
+    stopped, ready, go = tmp_path / "stopped", tmp_path / "ready", tmp_path / "go"
+    # w-1 fails only once the test has seen both running and said "go": on a loaded
+    # machine it could otherwise start, fail and be gone between two polls.
     failing = script_worker(
         "w-1",
         """
         import os, time
-        while not os.path.exists(os.environ["READY"]):
+        while not (os.path.exists(os.environ["READY"]) and os.path.exists(os.environ["GO"])):
             time.sleep(0.01)
         print("collector log noise first")
         print("broker mqtt://h:1883 refused the collector: Bad user name or password")
         raise SystemExit(3)
         """,
         READY=str(ready),
+        GO=str(go),
     )
     sibling = script_worker("w-2", SLEEPER, STOPPED=str(stopped), READY=str(ready))
     supervisor = WorkerSupervisor([failing, sibling], restart_initial_s=0.01)
     task = asyncio.create_task(supervisor.run())
     await wait_until(lambda: len(supervisor.pids) == 2, "both started")
     sibling_pid = supervisor.pids["w-2"]
+    go.write_text("go")
     with pytest.raises(WorkerFailedError) as caught:
         await asyncio.wait_for(task, DEADLINE_S)
     assert caught.value.exit_code == 3
