@@ -237,47 +237,6 @@ def test_the_read_path_never_imports_sqlalchemy() -> None:
     assert bad == []
 
 
-def test_the_read_commands_never_load_sqlalchemy(tmp_path: Path) -> None:
-    # Transitive imports count: run `mqfleet nodes` and `run`'s target lookup for real,
-    # on a SQLite database with a node, in a fresh interpreter.
-    database = tmp_path / "fleet.db"
-    with sqlite3.connect(database) as conn:
-        conn.execute("CREATE TABLE nodes (node_id, hostname, ip_address, os_info, status,"
-                     " status_reason, last_heartbeat, registered_at, updated_at, session,"
-                     " interval_s, agent_version)")  # fmt: skip
-        conn.execute("INSERT INTO nodes VALUES ('web-1', 'h', '10.0.0.1', NULL, 'online',"
-                     " NULL, '2026-01-01 00:00:00.000000', '2026-01-01 00:00:00',"
-                     " '2026-01-01 00:00:00', 1, 10.0, '0.1')")  # fmt: skip
-    conn.close()
-    url = f"sqlite:///{database}"
-    code = (
-        "import sys\n"
-        "from mqfleet.cli import main\n"
-        f"sys.argv = ['mqfleet', '--database', {url!r}, 'nodes', '--json']\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as exc:\n"
-        "    assert exc.code == 0, exc.code\n"
-        "from mqfleet.cli.run import _resolve_targets\n"
-        "from mqfleet.settings import load_settings\n"
-        f"settings = load_settings(database_url={url!r})\n"
-        "targets = _resolve_targets(settings, [], all_nodes=False, pattern='web-*')\n"
-        "assert [t.node_id for t in targets] == ['web-1'], targets\n"
-        f"bad = [m for m in {sorted(READ_PATH_NEVER_IMPORTS)!r} if m in sys.modules]\n"
-        "print('loaded:', ','.join(bad))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MQFLEET_")}
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60,
-        env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert '"node_id": "web-1"' in result.stdout
-    loaded = result.stdout.splitlines()[-1]
-    assert loaded == "loaded: ", f"the read commands {loaded}"
-
-
 def _read_database(path: Path) -> str:
     """A SQLite database with the columns the read commands select: a node, a sample now."""
     now = datetime.now(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
@@ -296,6 +255,53 @@ def _read_database(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def _run_read_code(tmp_path: Path, code: str) -> tuple[str, str]:
+    """Run ``code`` in a fresh interpreter without the developer's config; (stdout, loaded).
+
+    ``code`` ends by printing ``loaded: <modules it must not have loaded>``.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MQFLEET_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60,
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout, result.stdout.splitlines()[-1]
+
+
+def _cli_code(url: str, args: list[str], never: list[str]) -> str:
+    return (
+        "import sys\n"
+        "from mqfleet.cli import main\n"
+        f"sys.argv = ['mqfleet', '--database', {url!r}, *{args!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        f"bad = [m for m in {never!r} if m in sys.modules]\n"
+        "print('loaded:', ','.join(bad))\n"
+    )
+
+
+def test_the_read_commands_never_load_sqlalchemy(tmp_path: Path) -> None:
+    # Transitive imports count: run `mqfleet nodes` and `run`'s target lookup for real,
+    # on a SQLite database with a node, in a fresh interpreter.
+    url = _read_database(tmp_path / "fleet.db")
+    lookup = (
+        "from mqfleet.cli.run import _resolve_targets\n"
+        "from mqfleet.settings import load_settings\n"
+        f"settings = load_settings(database_url={url!r})\n"
+        "targets = _resolve_targets(settings, [], all_nodes=False, pattern='web-*')\n"
+        "assert [t.node_id for t in targets] == ['web-1'], targets\n"
+    )
+    code = _cli_code(url, ["nodes", "--json"], sorted(READ_PATH_NEVER_IMPORTS))
+    head, _, tail = code.rpartition("bad = ")
+    stdout, loaded = _run_read_code(tmp_path, head + lookup + "bad = " + tail)
+    assert '"node_id": "web-1"' in stdout
+    assert loaded == "loaded: ", f"the read commands {loaded}"
+
+
 @pytest.mark.parametrize(
     "args",
     [["nodes"], ["nodes", "--json"], ["metrics", "web-1", "--since", "1h"],
@@ -306,26 +312,9 @@ def test_the_read_commands_load_only_what_they_use(tmp_path: Path, args: list[st
     # Each command shows the node or its sample (cpu 1.5), so it read the database.
     # Transitive imports count: the whole command, in a fresh interpreter.
     url = _read_database(tmp_path / "fleet.db")
-    code = (
-        "import sys\n"
-        "from mqfleet.cli import main\n"
-        f"sys.argv = ['mqfleet', '--database', {url!r}, *{args!r}]\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as exc:\n"
-        "    assert exc.code == 0, exc.code\n"
-        f"bad = [m for m in {READ_COMMANDS_NEVER_LOAD!r} if m in sys.modules]\n"
-        "print('loaded:', ','.join(bad))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MQFLEET_")}
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60,
-        env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "web-1" in result.stdout or "1.5" in result.stdout, result.stdout
-    loaded = result.stdout.splitlines()[-1]
+    code = _cli_code(url, args, list(READ_COMMANDS_NEVER_LOAD))
+    stdout, loaded = _run_read_code(tmp_path, code)
+    assert "web-1" in stdout or "1.5" in stdout, stdout
     assert loaded == "loaded: ", f"mqfleet {' '.join(args)} {loaded}"
 
 

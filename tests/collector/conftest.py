@@ -30,6 +30,7 @@ from mqfleet.protocol import (
     MetricsReport,
     StatusReport,
     Topics,
+    decode_collector_status,
     encode,
     utc_now,
 )
@@ -79,6 +80,22 @@ class MqttPeer:
     def messages(self) -> list[MQTTMessage]:
         with self._lock:
             return list(self.received)
+
+
+def online_since(mqtt: MqttPeer, collector_id: str, since: float) -> bool:
+    """Whether ``collector_id`` published its online status at or after ``since``."""
+    for msg in mqtt.messages():
+        if msg.topic != TOPICS.collector_status():
+            continue
+        status = decode_collector_status(msg.payload)
+        if (
+            status.collector_id == collector_id
+            and status.status == "online"
+            and status.ts is not None
+            and status.ts.timestamp() >= since
+        ):
+            return True
+    return False
 
 
 def make_peer(broker: LocalBroker, *, max_inflight: int = 20) -> MqttPeer:

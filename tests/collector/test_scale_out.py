@@ -24,7 +24,7 @@ from paho.mqtt.client import CallbackAPIVersion, Client
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from mqfleet.collector import Collector
-from mqfleet.protocol import decode_collector_status, utc_now
+from mqfleet.protocol import utc_now
 from mqfleet.security import COLLECTOR_ACCOUNT
 
 from .conftest import (
@@ -37,6 +37,7 @@ from .conftest import (
     make_peer,
     metric,
     offline,
+    online_since,
     rows,
     table_rows,
     wait_until,
@@ -217,21 +218,6 @@ def spawn_collector(
         return subprocess.Popen(
             [sys.executable, "-c", RUN_COLLECTOR], env=env, stdout=log, stderr=log
         )
-
-
-def online_since(mqtt: MqttPeer, collector_id: str, since: float) -> bool:
-    for msg in mqtt.messages():
-        if msg.topic != TOPICS.collector_status():
-            continue
-        status = decode_collector_status(msg.payload)
-        if (
-            status.collector_id == collector_id
-            and status.status == "online"
-            and status.ts is not None
-            and status.ts.timestamp() >= since
-        ):
-            return True
-    return False
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
-from mqfleet.protocol import decode_collector_status, utc_now
+from mqfleet.protocol import utc_now
 from mqfleet.security import COLLECTOR_ACCOUNT
 
 from .conftest import (
@@ -33,6 +33,7 @@ from .conftest import (
     finished,
     make_peer,
     metric,
+    online_since,
     rows,
     wait_until,
 )
@@ -98,21 +99,6 @@ def start_service(
     service = Service(proc, log_path)
     _SERVICES.append(service)
     return service
-
-
-def online_since(mqtt: MqttPeer, collector_id: str, since: float) -> bool:
-    for msg in mqtt.messages():
-        if msg.topic != TOPICS.collector_status():
-            continue
-        status = decode_collector_status(msg.payload)
-        if (
-            status.collector_id == collector_id
-            and status.status == "online"
-            and status.ts is not None
-            and status.ts.timestamp() >= since
-        ):
-            return True
-    return False
 
 
 async def all_online(mqtt: MqttPeer, service: Service, since: float) -> None:
