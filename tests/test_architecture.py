@@ -444,3 +444,25 @@ def test_lazy_imports_are_told_apart() -> None:
         "mqfleet.store": True,
         "mqfleet.agent": True,
     }
+
+
+def _builds_an_aiomqtt_client(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "Client"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "aiomqtt"
+    )
+
+
+def test_only_the_transport_builds_aiomqtt_clients() -> None:
+    """Everything else gets :class:`mqfleet.transport.MqttClient` (cancel-safe waits)."""
+    bad = [
+        f"{path.relative_to(SRC)}:{node.lineno}"
+        for path in sorted(SRC.rglob("*.py"))
+        if path != SRC / "transport.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if _builds_an_aiomqtt_client(node) and isinstance(node, ast.Call)
+    ]
+    assert bad == []

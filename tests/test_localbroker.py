@@ -16,6 +16,7 @@ from mqfleet.localbroker import (
     free_port,
     render_local_config,
 )
+from mqfleet.transport import MqttClient
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "broker" / "mosquitto.conf"
 
@@ -86,7 +87,7 @@ def test_shipped_config_refuses_anonymous_clients() -> None:
 @pytest.mark.integration
 def test_default_broker_refuses_anonymous_and_open_mode_accepts(tmp_path: Path) -> None:
     async def connect(broker: LocalBroker) -> None:
-        async with aiomqtt.Client(
+        async with MqttClient(
             broker.host, broker.port, identifier="t-anon", protocol=aiomqtt.ProtocolVersion.V5
         ) as client:
             await client.publish("t/x", b"x", qos=1)
@@ -177,12 +178,12 @@ def test_mosquitto_fixture_uses_project_config(mosquitto: LocalBroker) -> None:
 
 
 async def publish_retained(broker: LocalBroker, payload: bytes) -> None:
-    async with aiomqtt.Client(broker.host, broker.port, identifier="t-pub") as client:
+    async with MqttClient(broker.host, broker.port, identifier="t-pub") as client:
         await client.publish("t/retained", payload, qos=1, retain=True)
 
 
 async def read_retained(broker: LocalBroker) -> bytes:
-    async with aiomqtt.Client(broker.host, broker.port, identifier="t-sub") as client:
+    async with MqttClient(broker.host, broker.port, identifier="t-sub") as client:
         await client.subscribe("t/retained", qos=1)
         async with asyncio.timeout(10):
             async for message in client.messages:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
 import socket
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -16,6 +19,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from mqfleet.errors import AuthenticationError, BrokerError
 from mqfleet.transport import (
     Backoff,
+    MqttClient,
     aiomqtt_client,
     as_broker_error,
     connect_properties,
@@ -157,6 +161,77 @@ async def test_aiomqtt_client_round_trip_with_nodelay(
             async for message in client.messages:
                 assert message.payload == b"hello"
                 break
+
+
+# -- MqttClient: cancellations are never swallowed ---------------------------------
+
+
+async def _cancel_as_the_puback_lands(client: aiomqtt.Client) -> str:
+    """Publish QoS 1 and cancel the publishing task in the loop step its PUBACK lands in.
+
+    The cancel is queued right behind the wake-up that aiomqtt's on_publish schedules,
+    which is the window where Python 3.11's ``asyncio.wait_for`` drops a cancellation.
+    """
+    task: asyncio.Task[None] | None = None
+    loop = asyncio.get_running_loop()
+    on_publish = client._client.on_publish
+
+    def acknowledged(*args: object) -> None:
+        on_publish(*args)  # type: ignore[misc]
+        assert task is not None
+        loop.call_soon(task.cancel)
+
+    async def publish_then_carry_on() -> None:
+        await client.publish("t/cancel", b"x", qos=1)
+        await asyncio.sleep(30)  # only reached when the cancellation was swallowed
+
+    client._client.on_publish = acknowledged
+    task = asyncio.create_task(publish_then_carry_on())
+    await asyncio.wait([task], timeout=0.5)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return "swallowed"
+    return "cancelled" if task.cancelled() else f"ended: {task.exception()!r}"
+
+
+@pytest.mark.integration
+async def test_a_cancel_that_lands_with_the_puback_cancels_the_publish(
+    mosquitto: LocalBroker, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(broker_url=mosquitto.url)
+    async with aiomqtt_client(settings, identifier="t-cancel") as client:
+        assert isinstance(client, MqttClient)
+        outcomes = {await _cancel_as_the_puback_lands(client) for _ in range(5)}
+    assert outcomes == {"cancelled"}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12's wait_for keeps cancellations")
+async def test_plain_aiomqtt_swallows_that_cancel_on_python_311(mosquitto: LocalBroker) -> None:
+    """Why MqttClient exists: when this stops failing to cancel, it can go."""
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="t-plain") as client:
+        outcome = await _cancel_as_the_puback_lands(client)
+    assert outcome == "swallowed"
+
+
+async def test_mqtt_client_waits_keep_aiomqtt_timeouts() -> None:
+    client = MqttClient("127.0.0.1", 1, timeout=0.05)  # never connected: waits only
+    never = asyncio.Event()
+    with pytest.raises(aiomqtt.MqttError, match=r"^Operation timed out$"):
+        await client._wait_for(never.wait(), timeout=None)  # the client's default
+    with pytest.raises(aiomqtt.MqttError, match=r"^Operation timed out$"):
+        await client._wait_for(never.wait(), timeout=0.01)
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_later(0.1, done.set_result, 7)
+    assert await client._wait_for(done, timeout=math.inf) == 7  # inf: no limit
+
+
+def test_mqtt_client_replaces_the_wait_aiomqtt_has() -> None:
+    # The override is a no-op if aiomqtt renames the method: fail loudly instead.
+    assert "_wait_for" in vars(aiomqtt.Client)
+    assert MqttClient._wait_for is not aiomqtt.Client._wait_for
 
 
 @pytest.mark.integration

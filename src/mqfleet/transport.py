@@ -8,12 +8,14 @@ version and credentials are decided once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import random
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -26,11 +28,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from mqfleet.errors import AuthenticationError, BrokerError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from mqfleet.settings import Settings
 
 __all__ = [
     "AUTH_FAILURE_CODES",
     "Backoff",
+    "MqttClient",
     "aiomqtt_client",
     "as_broker_error",
     "connect_properties",
@@ -41,6 +46,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: CONNACK codes meaning "your credentials are wrong": MQTT 3.1.1 (4, 5) and MQTT 5
 #: (134 bad user name or password, 135 not authorized, 138 banned). Reconnecting
@@ -87,6 +94,29 @@ def connect_properties(
     return props
 
 
+class MqttClient(aiomqtt.Client):
+    """aiomqtt's client, with waits that never swallow a cancellation.
+
+    aiomqtt waits for every acknowledgement (CONNACK, SUBACK, PUBACK, the disconnect)
+    with ``asyncio.wait_for``. On Python 3.11 that loses a cancellation arriving in the
+    same loop step as the acknowledgement (CPython gh-86296, fixed only by 3.12's rewrite
+    on ``asyncio.timeout``): the cancelled task carries on as if nothing happened. A
+    shutdown that cancels a loop just as its PUBACK lands then waits forever for that
+    loop (seen in CI as a hung test). ``asyncio.timeout`` counts cancellations, so this
+    wait re-raises them; timeouts and their error stay aiomqtt's.
+    """
+
+    async def _wait_for(self, fut: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109 - aiomqtt's signature
+        if timeout is None:
+            timeout = self.timeout
+        try:
+            async with asyncio.timeout(None if timeout == math.inf else timeout):
+                return await fut
+        except TimeoutError:
+            msg = "Operation timed out"  # aiomqtt's own message
+            raise aiomqtt.MqttError(msg) from None
+
+
 def aiomqtt_client(
     settings: Settings,
     *,
@@ -95,11 +125,11 @@ def aiomqtt_client(
     clean_start: bool = True,
     session_expiry_s: int = 0,
     timeout_s: float = 10.0,
-) -> aiomqtt.Client:
+) -> MqttClient:
     """Build an aiomqtt client from ``settings`` (credentials, TLS, version)."""
     broker = settings.broker
     v5 = settings.mqtt_version == "5"
-    return aiomqtt.Client(
+    return MqttClient(
         broker.host,
         broker.port,
         username=broker.username,

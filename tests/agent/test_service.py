@@ -25,6 +25,7 @@ from mqfleet.agent import AgentService, run_agent
 from mqfleet.errors import AuthenticationError
 from mqfleet.localbroker import LocalBroker
 from mqfleet.protocol import CommandRequest, StatusReport, Topics, encode, utc_now
+from mqfleet.transport import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -65,7 +66,7 @@ class Recorder:
         if self.persistent:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 300
-        return aiomqtt.Client(
+        return MqttClient(
             "127.0.0.1",
             self.port,
             identifier=self.identifier,
@@ -125,9 +126,7 @@ class Recorder:
 
 async def retained_status(port: int, node_id: str, **auth: Any) -> dict[str, Any]:
     """What a newcomer sees on the node's status topic: the retained message."""
-    async with aiomqtt.Client(
-        "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, **auth
-    ) as client:
+    async with MqttClient("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, **auth) as client:
         await client.subscribe(TOPICS.status(node_id), qos=1)
         async with asyncio.timeout(DEADLINE_S):
             async for message in client.messages:
@@ -351,7 +350,7 @@ async def test_stale_offline_for_the_current_session_brings_the_birth_back(
         stale = StatusReport(
             node_id="web-3", status="offline", session=session, reason="connection lost"
         )
-        async with aiomqtt.Client(
+        async with MqttClient(
             "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
         ) as other:
             await other.publish(status_topic, encode(stale), qos=1, retain=True)
@@ -377,9 +376,7 @@ async def test_a_reset_state_dir_jumps_past_the_session_the_broker_remembers(
     remembered = StatusReport(
         node_id="web-6", status="offline", session=100, reason="connection lost"
     )
-    async with aiomqtt.Client(
-        "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
-    ) as old:
+    async with MqttClient("127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as old:
         await old.publish(TOPICS.status("web-6"), encode(remembered), qos=1, retain=True)
     settings = make_settings(broker_url=mosquitto.url, node_id="web-6", metrics_interval_s=1)
     async with Recorder(mosquitto.port) as recorder, running(run_agent(settings)):
@@ -526,7 +523,7 @@ async def test_commands_are_routed_and_results_published(mosquitto, make_setting
     payload = command_payload("app-1", "c-1")
     async with Recorder(mosquitto.port) as recorder, running(service.run()):
         await recorder.wait_for(status_of("app-1", status="online"), "the birth")
-        async with aiomqtt.Client(
+        async with MqttClient(
             "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
         ) as operator:
             await operator.publish(TOPICS.commands("app-1"), payload, qos=1)
@@ -545,7 +542,7 @@ async def test_commands_sent_while_the_agent_is_down_arrive_when_it_returns(
             birth = await recorder.wait_for(status_of("app-2", status="online"), "first birth")
         # The agent is down (clean shutdown); its broker session keeps the subscription.
         payload = command_payload("app-2", "c-2")
-        async with aiomqtt.Client(
+        async with MqttClient(
             "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
         ) as operator:
             await operator.publish(TOPICS.commands("app-2"), payload, qos=1)

@@ -25,6 +25,7 @@ from mqfleet.protocol import (
     encode,
     utc_now,
 )
+from mqfleet.transport import MqttClient
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +54,7 @@ def answer_for(request: CommandRequest) -> tuple[int, str]:
 async def fake_agent(broker: LocalBroker, node_id: str) -> AsyncIterator[Seen]:
     """An MQTT client that answers ``node_id``'s commands with running + final results."""
     seen = Seen()
-    async with aiomqtt.Client(
+    async with MqttClient(
         broker.host, broker.port, identifier=f"fake-{node_id}", protocol=aiomqtt.ProtocolVersion.V5
     ) as client:
         await client.subscribe(TOPICS.commands(node_id), qos=1)
@@ -98,7 +99,7 @@ async def fake_agent(broker: LocalBroker, node_id: str) -> AsyncIterator[Seen]:
 async def command_watcher(broker: LocalBroker) -> AsyncIterator[Seen]:
     """Records every command published to any node (what the collector would see)."""
     seen = Seen()
-    async with aiomqtt.Client(broker.host, broker.port, identifier="watcher") as client:
+    async with MqttClient(broker.host, broker.port, identifier="watcher") as client:
         await client.subscribe(TOPICS.all_commands(), qos=1)
 
         async def watch() -> None:

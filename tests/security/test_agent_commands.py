@@ -28,6 +28,7 @@ from mqfleet.protocol import (
     utc_now,
 )
 from mqfleet.security import OPERATOR_ACCOUNT, sign_command
+from mqfleet.transport import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -89,7 +90,7 @@ class Operator:
 
 @contextlib.asynccontextmanager
 async def operator_on(secure_mosquitto) -> AsyncIterator[Operator]:
-    async with aiomqtt.Client(
+    async with MqttClient(
         secure_mosquitto.host,
         secure_mosquitto.port,
         username=OPERATOR_ACCOUNT,
