@@ -8,7 +8,7 @@ import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -424,6 +424,36 @@ def test_the_agent_does_not_load_pydantic() -> None:
     # collector and the store only, and would cost the agent ~10 MiB (issue 5).
     loaded = loaded_by("import mqfleet.agent", PYDANTIC)
     assert loaded == [], f"importing mqfleet.agent loads {','.join(loaded)}"
+
+
+def test_the_agent_verifies_commands_without_loading_cryptography(tmp_path: Path) -> None:
+    # cryptography's wheel brings its own OpenSSL (~7 MiB RSS, issue 5): the agent checks
+    # signatures on the libcrypto its ssl module already mapped (mqfleet.security.ed25519).
+    from mqfleet.protocol import CommandRequest, encode, utc_now  # noqa: PLC0415
+    from mqfleet.security.signing import (  # noqa: PLC0415
+        load_private_key,
+        save_key_pair,
+        sign_command,
+    )
+
+    save_key_pair(tmp_path / "op.key", tmp_path / "op.pub")
+    now = utc_now()
+    request = CommandRequest(
+        command_id="3f1c2a8e-1111-4222-8333-444455556666", node_id="web-1",
+        command_text="true", timeout_s=5, created_at=now,
+        expires_at=now + timedelta(minutes=5), issuer="t",
+    )  # fmt: skip
+    signed = sign_command(request, load_private_key(tmp_path / "op.key"))
+    (tmp_path / "cmd.json").write_bytes(encode(signed))
+    code = (
+        "import pathlib, mqfleet.agent, mqfleet.security\n"
+        "from mqfleet.protocol import decode_command\n"
+        "from mqfleet.security.verify import CommandVerifier\n"
+        f"d = pathlib.Path({str(tmp_path)!r})\n"
+        "v = CommandVerifier.from_files(node_id='web-1', public_key_files=[d / 'op.pub'])\n"
+        "v.check(decode_command((d / 'cmd.json').read_bytes()))\n"
+    )
+    assert loaded_by(code, ["cryptography", "_cffi_backend"]) == []
 
 
 def test_lazy_imports_are_told_apart() -> None:

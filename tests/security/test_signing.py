@@ -25,7 +25,7 @@ from mqfleet.security import (
     save_key_pair,
     sign_command,
 )
-from mqfleet.security.signing import generate_private_key, save_private_key
+from mqfleet.security.signing import generate_private_key, public_key_of, save_private_key
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -54,7 +54,7 @@ def key():
 
 @pytest.fixture
 def verifier(key) -> CommandVerifier:
-    return CommandVerifier(node_id="web-01", public_keys=[key.public_key()], clock=lambda: NOW)
+    return CommandVerifier(node_id="web-01", public_keys=[public_key_of(key)], clock=lambda: NOW)
 
 
 def refusal(verifier: CommandVerifier, request: CommandRequest) -> CommandRefusedError:
@@ -101,7 +101,7 @@ def test_issuer_batch_and_signature_are_not_signed() -> None:
 def test_signed_command_survives_the_wire_and_passes(key, verifier) -> None:
     signed = sign_command(make_request(), key)
     assert signed.signature is not None
-    assert signed.signature.startswith(key_id(key.public_key()) + ":")
+    assert signed.signature.startswith(key_id(public_key_of(key)) + ":")
     received = decode_command(encode(signed))  # JSON round trip, as the agent gets it
     verifier.check(received)
 
@@ -135,7 +135,7 @@ def test_forged_with_another_key_is_refused(verifier) -> None:
 def test_forged_claiming_the_trusted_key_id_is_refused(key, verifier) -> None:
     mallory = sign_command(make_request(), generate_private_key())
     assert mallory.signature is not None
-    claimed = key_id(key.public_key()) + ":" + mallory.signature.split(":", 1)[1]
+    claimed = key_id(public_key_of(key)) + ":" + mallory.signature.split(":", 1)[1]
     error = refusal(verifier, make_request(signature=claimed))
     assert error.reason == "bad_signature"
 
@@ -171,7 +171,7 @@ def test_expired_command_is_refused(key) -> None:
     signed = sign_command(make_request(), key)
     late = CommandVerifier(
         node_id="web-01",
-        public_keys=[key.public_key()],
+        public_keys=[public_key_of(key)],
         clock=lambda: NOW + timedelta(minutes=10),
     )
     error = refusal(late, signed)
@@ -204,11 +204,13 @@ def test_each_refusal_has_a_distinct_message(key, verifier) -> None:
 def test_key_rotation_trusts_several_keys(key) -> None:
     new_key = generate_private_key()
     verifier = CommandVerifier(
-        node_id="web-01", public_keys=[key.public_key(), new_key.public_key()], clock=lambda: NOW
+        node_id="web-01",
+        public_keys=[public_key_of(key), public_key_of(new_key)],
+        clock=lambda: NOW,
     )
     verifier.check(sign_command(make_request(), key))
     verifier.check(sign_command(make_request(), new_key))
-    assert verifier.key_ids == [key_id(key.public_key()), key_id(new_key.public_key())]
+    assert verifier.key_ids == [key_id(public_key_of(key)), key_id(public_key_of(new_key))]
 
 
 def test_verifier_needs_a_key() -> None:
@@ -227,7 +229,7 @@ def test_key_pair_files_and_round_trip(tmp_path: Path) -> None:
     assert public_path.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
     private = load_private_key(private_path)
     loaded_public = load_public_key(public_path)
-    assert key_id(loaded_public) == key_id(public) == key_id(private.public_key())
+    assert key_id(loaded_public) == key_id(public) == key_id(public_key_of(private))
     verifier = CommandVerifier.from_files(node_id="web-01", public_key_files=[public_path])
     verifier.check(sign_command(make_request(expires_at=datetime.now(UTC) + timedelta(1)), private))
 

@@ -95,7 +95,8 @@ from mqfleet.protocol import (
     truncate_for_log,
     utc_now,
 )
-from mqfleet.security.signing import CommandVerifier
+from mqfleet.security import ed25519
+from mqfleet.security.verify import CommandVerifier
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -174,7 +175,11 @@ def build_verifier(settings: Settings) -> CommandVerifier | None:
     verifier = CommandVerifier.from_files(
         node_id=settings.node_id, public_key_files=[settings.operator_public_key_file]
     )
-    log.info("commands must be signed by operator key %s", ", ".join(verifier.key_ids))
+    log.info(
+        "commands must be signed by operator key %s (checked with %s)",
+        ", ".join(verifier.key_ids),
+        ed25519.backend().name,
+    )
     return verifier
 
 

@@ -72,7 +72,7 @@ def keys() -> None:
 @pass_state
 def keys_init(state: CliState, private_path: Path | None, *, force: bool, as_json: bool) -> int:
     """Create the operator key pair: private key (0600) here, public key for the agents."""
-    from mqfleet.security import key_id, save_key_pair  # noqa: PLC0415 - lean start-up
+    from mqfleet.security.signing import key_id, save_key_pair  # noqa: PLC0415 - lean start-up
 
     if private_path is None:
         settings = state.settings()

@@ -114,13 +114,16 @@ def _prepare_accounts(settings: Settings, broker: LocalBroker) -> _Accounts:
         broker_url_with_credentials,
         generate_token,
         key_id,
-        load_private_key,
         render_acl,
-        save_key_pair,
         validate_node_account,
         write_private_file,
     )
-    from mqfleet.security.signing import save_public_key  # noqa: PLC0415
+    from mqfleet.security.signing import (  # noqa: PLC0415
+        load_private_key,
+        public_key_of,
+        save_key_pair,
+        save_public_key,
+    )
 
     node_id = validate_node_account(settings.node_id)
     urls: dict[str, str] = {}
@@ -146,7 +149,7 @@ def _prepare_accounts(settings: Settings, broker: LocalBroker) -> _Accounts:
         agent_url=urls[node_id],
         private_key_file=private,
         public_key_file=public,
-        key_id=key_id(key.public_key()),
+        key_id=key_id(public_key_of(key)),
     )
 
 
