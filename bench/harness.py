@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 MQFLEET = str(Path(PYTHON).with_name("mqfleet"))
+MQFLEET_AGENT = str(Path(PYTHON).with_name("mqfleet-agent"))
 POSTGRES_URL = os.environ.get(
     "MQFLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

@@ -29,6 +29,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from harness import (
     MQFLEET,
+    MQFLEET_AGENT,
     PYTHON,
     ROOT,
     Row,
@@ -726,12 +727,21 @@ def bench_footprint(table: Table, seconds: float) -> None:
     """
     print(f"[footprint] {seconds:.0f}s idle", flush=True)
     with workdir("footprint") as work, broker(work) as b:
+        keys = operator_keys(work)
         procs = {
+            # What nodes run (deploy/systemd/mqfleet-agent.service): the agent's own entry.
             "agent": start(
                 "agent",
-                mqfleet_argv(b.url, None, "agent", "--node-id", "bench-agent"),
+                [MQFLEET_AGENT, "--broker", b.url, "--node-id", "bench-agent"],
                 work,
-                env={"MQFLEET_STATE_DIR": str(work / "agent-state"), **operator_keys(work)},
+                env={"MQFLEET_STATE_DIR": str(work / "agent-state"), **keys},
+            ),
+            # The same agent started through the operator CLI (click), for comparison.
+            "cli_agent": start(
+                "cli_agent",
+                mqfleet_argv(b.url, None, "agent", "--node-id", "bench-agent-2"),
+                work,
+                env={"MQFLEET_STATE_DIR": str(work / "agent-state-2"), **keys},
             ),
             "bare": start("python", [PYTHON, "-c", IDLE_PYTHON], work),
             "minimal": start(
@@ -769,7 +779,8 @@ def bench_footprint(table: Table, seconds: float) -> None:
             rss["minimal"],
             "<= 30 MiB",
             rss["agent"] <= 30,
-            f"agent private {private['agent'][0]:.1f} MiB, PSS {private['agent'][1]:.1f} MiB; "
+            f"mqfleet-agent; private {private['agent'][0]:.1f} MiB, PSS {private['agent'][1]:.1f}"
+            f" MiB; `mqfleet agent` (through click) {rss['cli_agent']:.1f} MiB; "
             f"bare python {rss['bare']:.1f} MiB; {others}",
         )
     )

@@ -25,10 +25,12 @@ MAY_IMPORT: dict[str, set[str]] = {
     "transport": {"settings", "errors"},
     "localbroker": {"errors"},
     "loops": {"errors"},
+    # Process plumbing of both entry points (exit codes, logging, signals): no click.
+    "runtime": {"settings", "errors"},
     "store": {"protocol", "errors"},
     # Self-contained building blocks (tokens, ACL, signatures) that each side picks from.
     "security": {"protocol", "settings", "errors"},
-    "agent": {"protocol", "settings", "transport", "errors", "security", "loops"},
+    "agent": {"protocol", "settings", "transport", "errors", "security", "loops", "runtime"},
     # The fleet simulator (bench/) speaks the protocol like many agents at once.
     "simulator": {"protocol", "settings", "transport", "errors", "localbroker", "loops"},
     "collector": {"protocol", "settings", "transport", "store", "errors", "security", "loops"},
@@ -41,6 +43,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "localbroker",
         "security",
         "loops",
+        "runtime",
         "agent",
         "collector",
         "simulator",
@@ -454,6 +457,22 @@ def test_the_agent_verifies_commands_without_loading_cryptography(tmp_path: Path
         "v.check(decode_command((d / 'cmd.json').read_bytes()))\n"
     )
     assert loaded_by(code, ["cryptography", "_cffi_backend"]) == []
+
+
+def test_the_agents_own_entry_point_never_loads_click_or_the_cli() -> None:
+    # mqfleet-agent is what nodes run: the operator CLI would cost every node ~1 MiB.
+    code = "import mqfleet.agent.__main__ as entry\nentry.build_parser().parse_args([])\n"
+    assert loaded_by(code, ["click", "mqfleet.cli", "mqfleet.cli.app"]) == []
+
+
+def test_runtime_never_loads_click() -> None:
+    assert loaded_by("import mqfleet.runtime", ["click", "mqfleet.cli"]) == []
+
+
+def test_the_agent_never_loads_the_broker_account_tooling() -> None:
+    # mqfleet.security loads each name on first use: the agent takes the verifier only.
+    unneeded = ["mqfleet.security.passwords", "mqfleet.security.acl", "mqfleet.security.signing"]
+    assert loaded_by("import mqfleet.agent.__main__, mqfleet.agent", unneeded) == []
 
 
 def test_lazy_imports_are_told_apart() -> None:

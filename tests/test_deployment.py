@@ -147,8 +147,11 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     mqfleet = shutil.which("mqfleet") or str(Path(sys.executable).with_name("mqfleet"))
     assert Path(mqfleet).exists(), "the mqfleet entry point is installed with the package"
     # verify insists that ExecStart exists: point it at this checkout's entry point.
+    agent = str(Path(mqfleet).with_name("mqfleet-agent"))
+    assert Path(agent).exists(), "the mqfleet-agent entry point is installed with the package"
     for unit in UNITS:
-        text = (SYSTEMD / unit).read_text().replace("/usr/local/bin/mqfleet", mqfleet)
+        text = (SYSTEMD / unit).read_text().replace("/usr/local/bin/mqfleet-agent", agent)
+        text = text.replace("/usr/local/bin/mqfleet ", mqfleet + " ")
         (tmp_path / unit).write_text(text)
     # The drop-in is verified applied to a mosquitto.service (the packaged one if any).
     packaged = Path("/lib/systemd/system/mosquitto.service")
@@ -171,9 +174,11 @@ def test_units_restart_on_failure_and_run_mqfleet() -> None:
     for unit in UNITS:
         service = read_unit(SYSTEMD / unit)["Service"]
         assert service["Restart"] == "on-failure", unit
-        assert service["ExecStart"].startswith("/usr/local/bin/mqfleet "), unit
-    assert read_unit(SYSTEMD / UNITS[0])["Service"]["ExecStart"].endswith(" agent")
-    assert read_unit(SYSTEMD / UNITS[1])["Service"]["ExecStart"].endswith(" collector")
+    # Nodes run the agent's own entry point (no click: less memory, issue 5).
+    assert read_unit(SYSTEMD / UNITS[0])["Service"]["ExecStart"] == "/usr/local/bin/mqfleet-agent"
+    assert (
+        read_unit(SYSTEMD / UNITS[1])["Service"]["ExecStart"] == "/usr/local/bin/mqfleet collector"
+    )
 
 
 def test_agent_unit_leaves_commands_able_to_administer_the_node() -> None:

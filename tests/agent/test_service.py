@@ -257,7 +257,12 @@ async def test_killed_agent_leaves_a_retained_offline_connection_lost(
     assert await retained_status(mosquitto.port, "edge-7") == offline
 
 
-async def test_sigterm_to_the_agent_command_publishes_shutdown_and_exits_0(mosquitto, tmp_path):
+@pytest.mark.parametrize(
+    "entry", [["mqfleet", "agent"], ["mqfleet.agent"]], ids=["mqfleet agent", "mqfleet-agent"]
+)
+async def test_sigterm_to_the_agent_command_publishes_shutdown_and_exits_0(
+    mosquitto, tmp_path, entry
+):
     env = {
         **os.environ,
         "MQFLEET_BROKER_URL": mosquitto.url,
@@ -267,7 +272,7 @@ async def test_sigterm_to_the_agent_command_publishes_shutdown_and_exits_0(mosqu
     }
     async with Recorder(mosquitto.port) as recorder:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mqfleet", "agent", env=env, stderr=asyncio.subprocess.PIPE
+            sys.executable, "-m", *entry, env=env, stderr=asyncio.subprocess.PIPE
         )
         try:
             birth = await recorder.wait_for(status_of("edge-8", status="online"), "the birth")

@@ -9,7 +9,6 @@ import msgspec
 import pytest
 
 from mqfleet.cli import render
-from mqfleet.cli.durations import parse_duration
 from mqfleet.cli.exitcodes import ExitCode
 from mqfleet.cli.outcomes import RunReport, TargetOutcome
 from mqfleet.protocol import CommandFinished
@@ -77,19 +76,6 @@ def test_format_age_never_and_durations() -> None:
     assert render.format_duration_ms(850) == "850 ms"
     assert render.format_duration_ms(1500) == "1.5 s"
     assert render.format_duration_ms(125_000) == "2m 05s"
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"), [("30s", 30), ("10m", 600), ("1h", 3600), ("7d", 604800), ("45", 45)]
-)
-def test_parse_duration(text: str, seconds: int) -> None:
-    assert parse_duration(text) == timedelta(seconds=seconds)
-
-
-@pytest.mark.parametrize("text", ["", "1x", "h", "-5m", "0s", "1h30m", "99999d"])
-def test_parse_duration_refuses_with_a_hint(text: str) -> None:
-    with pytest.raises(ValueError, match="invalid duration"):
-        parse_duration(text)
 
 
 def test_colour_only_on_a_terminal_and_never_with_no_color() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -13,13 +11,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from mqfleet.cli.app import serve
-
 if TYPE_CHECKING:
     from pathlib import Path
 
     from mqfleet.localbroker import LocalBroker
-    from mqfleet.settings import Settings
 
 HEAVY = ("sqlalchemy", "sqlmodel", "alembic")
 
@@ -67,34 +62,6 @@ def test_run_help_does_not_import_mqtt_or_the_database() -> None:
         print([m for m in {(*HEAVY, "aiomqtt", "paho")!r} if m in sys.modules])
     """)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stderr
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_cancels_the_service_which_then_returns(
-    signum: signal.Signals, make_settings
-) -> None:
-    events: list[str] = []
-
-    async def entry(settings: Settings) -> None:
-        events.append("started")
-        os.kill(os.getpid(), signum)
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            events.append("cancelled: publishing offline")
-            raise
-
-    serve(entry, make_settings())
-    assert events == ["started", "cancelled: publishing offline"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_a_service_error_propagates(make_settings) -> None:
-    async def entry(settings: Settings) -> None:
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        serve(entry, make_settings())
 
 
 @pytest.mark.integration

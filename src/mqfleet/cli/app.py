@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import io
 import os
 import sys
 from contextlib import contextmanager
@@ -27,23 +26,27 @@ import click
 from mqfleet import __version__
 from mqfleet.cli import render
 from mqfleet.cli.durations import DURATION
-from mqfleet.cli.exitcodes import ExitCode, exit_code_for
 from mqfleet.cli.localfleet import fallback_config_file
 from mqfleet.errors import ConfigError, MqfleetError, StoreError
 from mqfleet.protocol import utc_now, validate_node_id
+from mqfleet.runtime import (
+    ExitCode,
+    configure_logging,
+    exit_code_for,
+    one_line,
+    safe_streams,
+    serve,
+)
 from mqfleet.settings import load_settings
 
 if TYPE_CHECKING:
-    from asyncio import AbstractEventLoop
-    from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
 
     from mqfleet.settings import Settings
     from mqfleet.store.reader import StoreReader
 
 __all__ = ["LAZY_COMMANDS", "CliState", "cli", "main", "open_store"]
 
-_HANDLER_NAME: Final = "mqfleet-cli"
-_LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Commands that log nothing: sqlite3 never logs, psycopg only when something is already
 #: wrong. They configure logging only with -v, as ``import logging`` (and traceback with
 #: it) would cost each of them ~5 ms of start-up (issue 5).
@@ -64,7 +67,6 @@ LAZY_COMMANDS: Final[Mapping[str, str]] = {
     "simulate": "mqfleet.cli.simulate",
     "up": "mqfleet.cli.up",
 }
-_STDIN: Final = 0
 
 # Whether -v was given, read by the error handler after the click context is gone.
 _verbose = False
@@ -116,46 +118,9 @@ class CliState:
         return args
 
 
-def configure_logging(
-    *, verbose: bool, level: int | None = None, label: str | None = None
-) -> None:
-    """Log to stderr: DEBUG with -v, else ``level`` (WARNING if None; entry points only).
-
-    ``label`` goes into every line, in brackets: the id of a collector worker, whose
-    lines share the supervisor's stderr with its siblings'.
-    """
-    import logging  # noqa: PLC0415 - the read commands start without it
-
-    root = logging.getLogger()
-    handler = next((h for h in root.handlers if h.get_name() == _HANDLER_NAME), None)
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.set_name(_HANDLER_NAME)
-        root.addHandler(handler)
-    fmt = _LOG_FORMAT
-    if label is not None:
-        fmt = fmt.replace("%(name)s", f"[{label.replace('%', '%%')}] %(name)s")
-    handler.setFormatter(logging.Formatter(fmt))
-    root.setLevel(logging.DEBUG if verbose else (level or logging.WARNING))
-    # Alembic announces each of its plugins at INFO on every start; only -v wants that.
-    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
-def _one_line(text: str) -> str:
-    return "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
-
-
 def _fail(message: str, code: int) -> int:
-    click.echo(f"mqfleet: error: {_one_line(message)}", err=True)
+    click.echo(f"mqfleet: error: {one_line(message)}", err=True)
     return code
-
-
-def _safe_streams() -> None:
-    # Command output may hold anything (lone surrogates, characters the locale cannot
-    # encode): print a replacement character rather than crash with UnicodeEncodeError.
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="replace")
 
 
 class MqfleetGroup(click.Group):
@@ -192,13 +157,13 @@ class MqfleetGroup(click.Group):
         _verbose = False
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        _safe_streams()
+        safe_streams()
         try:
             rv = super().main(args, prog_name or "mqfleet", complete_var, False, **extra)  # noqa: FBT003
             code = int(rv) if isinstance(rv, int) else 0
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            code = _fail(_one_line(exc.format_message()).rstrip(".") + hint, ExitCode.USAGE)
+            code = _fail(one_line(exc.format_message()).rstrip(".") + hint, ExitCode.USAGE)
         except click.ClickException as exc:
             code = _fail(exc.format_message(), exc.exit_code)
         except click.Abort:
@@ -463,74 +428,6 @@ def db_upgrade(state: CliState) -> int:
         engine.dispose()
     click.echo(f"database {describe_url(settings.database_url)} is up to date")
     return ExitCode.OK
-
-
-# -- services ------------------------------------------------------------------------
-def _on_end_of_stdin(loop: AbstractEventLoop, stop: Callable[[str], None]) -> None:
-    """Call ``stop`` when stdin ends: the supervisor holding the pipe's other end is gone."""
-
-    def on_readable() -> None:
-        try:
-            data = os.read(_STDIN, 4096)
-        except OSError:
-            data = b""
-        if not data:
-            loop.remove_reader(_STDIN)
-            stop("end of stdin (the supervisor is gone)")
-
-    loop.add_reader(_STDIN, on_readable)
-
-
-def serve(
-    entry: Callable[[Settings], Coroutine[Any, Any, None]],
-    settings: Settings,
-    *,
-    supervised: bool = False,
-) -> None:
-    """Run a service until SIGTERM/SIGINT, which cancel it so it can shut down cleanly.
-
-    ``supervised`` is for the workers of ``collector --workers N``: they stop too when
-    their stdin closes (the supervisor is gone, even SIGKILLed), and only the first
-    stop request counts (systemd signals every process of a unit while the supervisor
-    forwards its own signal; the supervisor escalates to SIGKILL itself).
-    """
-    import asyncio  # noqa: PLC0415 - lean start-up: the read commands never need it
-    import logging  # noqa: PLC0415 - idem
-    import signal  # noqa: PLC0415 - idem
-
-    log = logging.getLogger(__name__)
-
-    async def supervise() -> None:
-        loop = asyncio.get_running_loop()
-        main_task = asyncio.create_task(entry(settings), name=entry.__name__)
-        signals_seen: list[str] = []
-
-        def on_signal(name: str) -> None:
-            if supervised and signals_seen:
-                return
-            signals_seen.append(name)
-            # A second signal cancels again: it interrupts a shutdown that hangs
-            # (e.g. publishing "offline" to a broker that is gone).
-            log.info("%s received: %s", name, "stopping" if len(signals_seen) == 1 else "again")
-            main_task.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig.name)
-        if supervised:
-            _on_end_of_stdin(loop, on_signal)
-        try:
-            await main_task
-        except asyncio.CancelledError:
-            # Our own cancellation (a signal) is a clean stop; any other is not ours to eat.
-            if not signals_seen:
-                raise
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            if supervised:
-                loop.remove_reader(_STDIN)
-
-    asyncio.run(supervise())
 
 
 @cli.command()

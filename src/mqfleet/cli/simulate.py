@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from mqfleet.cli.app import CliState, configure_logging, pass_state, serve
+from mqfleet.cli.app import CliState, pass_state
 from mqfleet.cli.durations import DURATION
 from mqfleet.cli.exitcodes import ExitCode
+from mqfleet.runtime import configure_logging, serve
 
 if TYPE_CHECKING:
     from datetime import timedelta

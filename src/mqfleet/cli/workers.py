@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Final
 
 import click
 
-from mqfleet.cli.app import serve
 from mqfleet.cli.exitcodes import ExitCode, exit_code_for
 from mqfleet.errors import ConfigError, MqfleetError
 from mqfleet.loops import run_loops
+from mqfleet.runtime import serve
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
