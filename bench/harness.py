@@ -8,6 +8,7 @@ runs the real ``mqfleet`` processes against them. Nothing here is a pass/fail te
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -263,9 +264,14 @@ class Table:
             note = f" ({r.note})" if r.note else ""
             out.append(
                 f"| {r.benchmark}{note} | {_num(r.figure)} {r.unit} | {r.baseline_name}: "
-                f"{_num(r.baseline)} {r.unit} | {r.ratio:.2f} | {r.target} | {met} |"
+                f"{_num(r.baseline)} {r.unit} | {_ratio(r)} | {r.target} | {met} |"
             )
         return "\n".join(out)
+
+
+def _ratio(row: Row) -> str:
+    # No ratio against a zero baseline (an idle process that used no CPU tick).
+    return "n/a" if math.isnan(row.ratio) else f"{row.ratio:.2f}"
 
 
 def _num(value: float) -> str:
@@ -283,5 +289,5 @@ def fmt_row(r: Row) -> str:
     met = "" if r.met is None else (" [met]" if r.met else " [MISSED]")
     return (
         f"{r.benchmark}: {_num(r.figure)} {r.unit} vs {r.baseline_name} {_num(r.baseline)} "
-        f"{r.unit} (ratio {r.ratio:.2f}; target {r.target or '-'}){met}"
+        f"{r.unit} (ratio {_ratio(r)}; target {r.target or '-'}){met}"
     )
