@@ -9,6 +9,7 @@ welcome); ``secure_mosquitto`` runs the production settings (accounts + ACL).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -43,6 +44,19 @@ from mqfleet.store.engine import create_store_engine, upgrade
 POSTGRES_URL = os.environ.get(
     "MQFLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the processes the tests start a Ctrl-C that works, as a terminal would.
+
+    A job started in the background of a non-interactive shell (a CI runner, ``nohup
+    ... &``) starts with SIGINT ignored (POSIX), and an ignored signal is inherited by
+    every child: ``mqfleet up`` would then never see the Ctrl-C its test sends. Python's
+    own handler is not inherited (exec resets it to the default), so installing it here
+    gives each child the default disposition again.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

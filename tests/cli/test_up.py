@@ -82,7 +82,11 @@ def test_up_runs_a_local_fleet_and_ctrl_c_stops_it_in_order(
         assert ran.exit_code == 0, ran.stderr
         assert [r["stdout"] for r in json.loads(ran.stdout)["results"]] == ["signed\n"]
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0, out.read_text()
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"up did not stop within 60 s of Ctrl-C; its output:\n{out.read_text()}")
+        assert code == 0, out.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
