@@ -399,7 +399,11 @@ class StoreWriter:
         items = list(items)
         # The nodes commands and results name, looked up once for the batch (a node born
         # later in the batch is looked up again, see _node_exists).
-        named = {i.report.node_id for i in items if not isinstance(i.report, StatusReport)}
+        named = {
+            i.report.node_id
+            for i in items
+            if isinstance(i.report, (CommandRequest, CommandStarted, CommandFinished))
+        }
         known = self._existing_nodes(conn, named)
         # Status, commands and results in arrival order; metrics after them in bulk, so
         # a birth in the same batch registers its node before the metrics need it.
