@@ -37,6 +37,7 @@ __all__ = [
     "exit_code_for",
     "one_line",
     "parse_duration",
+    "report_failure",
     "safe_streams",
     "serve",
 ]
@@ -92,6 +93,27 @@ def exit_code_for(exc: MqfleetError) -> ExitCode:
 def one_line(text: str) -> str:
     """Join a message's non-blank lines with "; ": errors are always one line."""
     return "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
+def report_failure(prog: str, exc: Exception, *, verbose: bool) -> int:
+    """Print ``PROG: error: ...`` for ``exc`` on one line; return its exit code.
+
+    Errors of the tree are expected and say what to fix; anything else is a bug, shown
+    as one line too, with its traceback only under -v (the last line of defence of both
+    entry points).
+    """
+    if isinstance(exc, MqfleetError):
+        message, code = str(exc), exit_code_for(exc)
+    else:
+        if verbose:
+            import traceback  # noqa: PLC0415 - only bugs need it
+
+            traceback.print_exc()
+        hint = "" if verbose else " (run with -v for the traceback)"
+        message, code = f"unexpected {type(exc).__name__}: {exc}{hint}", ExitCode.FAILED
+    sys.stderr.write(f"{prog}: error: {one_line(message)}\n")
+    sys.stderr.flush()
+    return code
 
 
 def safe_streams() -> None:

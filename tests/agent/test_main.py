@@ -87,7 +87,7 @@ def test_an_unexpected_error_is_one_line_unless_verbose(
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("mqfleet.runtime.serve", broken)
+    monkeypatch.setattr(entry, "serve", broken)
     monkeypatch.setenv("MQFLEET_STATE_DIR", str(tmp_path))
     code, _, err = run(capsys, "--node-id", "n1")
     assert code == 1

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from mqfleet import __version__
-from mqfleet.errors import MqfleetError
 from mqfleet.runtime import (
     ExitCode,
     configure_logging,
-    exit_code_for,
     one_line,
     parse_duration,
+    report_failure,
     safe_streams,
+    serve,
 )
 
 if TYPE_CHECKING:
@@ -88,12 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"{PROG}: error: {one_line(message)}\n")
-    sys.stderr.flush()
-    return code
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console entry point of ``mqfleet-agent``."""
     safe_streams()
@@ -102,7 +96,6 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         import logging  # noqa: PLC0415 - after the usage checks, like everything below
 
         from mqfleet.agent import run_agent  # noqa: PLC0415
-        from mqfleet.runtime import serve  # noqa: PLC0415
         from mqfleet.settings import load_settings  # noqa: PLC0415
 
         interval: timedelta | None = args.interval
@@ -117,18 +110,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         configure_logging(verbose=args.verbose, level=logging.INFO)
         serve(run_agent, settings)
         code = int(ExitCode.OK)
-    except MqfleetError as exc:
-        code = _fail(str(exc), exit_code_for(exc))
     except KeyboardInterrupt:  # Ctrl-C before the service took over the signals
         sys.stderr.write(f"{PROG}: interrupted\n")
         code = ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if args.verbose:
-            import traceback  # noqa: PLC0415 - only bugs need it
-
-            traceback.print_exc()
-        hint = "" if args.verbose else " (run with -v for the traceback)"
-        code = _fail(f"unexpected {type(exc).__name__}: {exc}{hint}", ExitCode.FAILED)
+        code = report_failure(PROG, exc, verbose=args.verbose)
     sys.exit(code)
 
 

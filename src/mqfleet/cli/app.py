@@ -32,8 +32,8 @@ from mqfleet.protocol import utc_now, validate_node_id
 from mqfleet.runtime import (
     ExitCode,
     configure_logging,
-    exit_code_for,
     one_line,
+    report_failure,
     safe_streams,
     serve,
 )
@@ -169,15 +169,8 @@ class MqfleetGroup(click.Group):
         except click.Abort:
             click.echo("mqfleet: interrupted", err=True)
             code = ExitCode.INTERRUPTED
-        except MqfleetError as exc:
-            code = _fail(str(exc), exit_code_for(exc))
         except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-            if _verbose:
-                import traceback  # noqa: PLC0415 - only bugs need it
-
-                traceback.print_exc()
-            hint = "" if _verbose else " (run with -v for the traceback)"
-            code = _fail(f"unexpected {type(exc).__name__}: {exc}{hint}", ExitCode.FAILED)
+            code = report_failure("mqfleet", exc, verbose=_verbose)
         sys.stdout.flush()
         sys.exit(code)
 
