@@ -98,6 +98,11 @@ def test_every_error_is_an_mqfleet_error() -> None:
         "mqfleet.settings",
         "mqfleet.transport",
         "mqfleet.localbroker",
+        "mqfleet.runtime",
+        "mqfleet.security",
+        "mqfleet.security.ed25519",
+        "mqfleet.security.verify",
+        "mqfleet.security.signing",
     ],
 )
 def test_all_names_exist_and_are_documented(module: str) -> None:
@@ -129,3 +134,11 @@ def test_readme_links_resolve() -> None:
     assert local
     missing = [link for link in local if not (ROOT / link).exists()]
     assert missing == []
+
+
+def test_the_lazy_security_package_knows_where_every_name_lives() -> None:
+    from mqfleet import security  # noqa: PLC0415
+
+    assert set(security._HOMES) == set(security.__all__)
+    for name, home in security._HOMES.items():
+        assert getattr(importlib.import_module(home), name) is getattr(security, name)
