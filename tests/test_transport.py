@@ -7,6 +7,7 @@ import random
 import socket
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import aiomqtt
@@ -20,6 +21,7 @@ from mqfleet.errors import AuthenticationError, BrokerError
 from mqfleet.transport import (
     Backoff,
     MqttClient,
+    PahoNetworkThread,
     aiomqtt_client,
     as_broker_error,
     connect_properties,
@@ -31,6 +33,8 @@ from mqfleet.transport import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from paho.mqtt.client import Client
 
     from mqfleet.localbroker import LocalBroker
     from mqfleet.settings import Settings
@@ -271,3 +275,107 @@ async def test_unreachable_broker_is_a_broker_error(make_settings: Callable[...,
             pass
     error = as_broker_error(info.value, settings)
     assert type(error) is BrokerError
+
+
+# -- PahoNetworkThread ---------------------------------------------------------------
+
+
+def _threaded_client(
+    settings: Settings, client_id: str, fails: list[OSError]
+) -> tuple[Client, PahoNetworkThread, threading.Event, list[bytes]]:
+    client = paho_client(settings, client_id=client_id)
+    connected = threading.Event()
+    received: list[bytes] = []
+
+    def on_connect(c: Client, *_args: object) -> None:
+        c.subscribe("t/echo", qos=1)
+        connected.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = lambda *_args: connected.clear()
+    client.on_message = lambda _c, _u, message: received.append(bytes(message.payload))
+    broker = settings.broker
+    client.connect_async(broker.host, broker.port, keepalive=settings.keepalive_s)
+    net = PahoNetworkThread(
+        client,
+        name=f"t-{client_id}",
+        backoff=Backoff(initial_s=0.1, maximum_s=0.2),
+        on_connect_fail=fails.append,
+    )
+    return client, net, connected, received
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.integration
+def test_network_thread_carries_publishes_from_other_threads(
+    mosquitto: LocalBroker, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(broker_url=mosquitto.url)
+    fails: list[OSError] = []
+    client, net, connected, received = _threaded_client(settings, "t-net", fails)
+    net.start()
+    try:
+        assert connected.wait(10)
+        # Published from this thread and from another one: only the network thread
+        # writes, woken by the registered write.
+        infos = [client.publish("t/echo", b"main", qos=1)]
+        other = threading.Thread(
+            target=lambda: infos.extend(
+                client.publish("t/echo", str(i).encode(), qos=1) for i in range(500)
+            )
+        )
+        other.start()
+        other.join()
+        assert _wait(lambda: len(received) == 501)
+        assert all(info.is_published() for info in infos)
+        assert sorted(received[1:], key=int) == [str(i).encode() for i in range(500)]
+        assert fails == []
+    finally:
+        client.disconnect()
+        assert net.stop(10)
+    assert client.socket() is None
+
+
+@pytest.mark.integration
+def test_network_thread_reconnects_after_a_broker_restart(
+    mosquitto: LocalBroker, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(broker_url=mosquitto.url)
+    fails: list[OSError] = []
+    client, net, connected, received = _threaded_client(settings, "t-net-restart", fails)
+    net.start()
+    try:
+        assert connected.wait(10)
+        mosquitto.stop()
+        assert _wait(lambda: not connected.is_set())
+        assert _wait(lambda: len(fails) >= 1)  # refused while the broker is down
+        mosquitto.start()
+        assert connected.wait(15)
+        client.publish("t/echo", b"again", qos=1)
+        assert _wait(lambda: received == [b"again"])
+    finally:
+        client.disconnect()
+        assert net.stop(10)
+
+
+@pytest.mark.integration
+def test_network_thread_stops_while_the_broker_is_unreachable(
+    make_settings: Callable[..., Settings],
+) -> None:
+    from mqfleet.localbroker import free_port  # noqa: PLC0415
+
+    settings = make_settings(broker_url=f"mqtt://127.0.0.1:{free_port()}")
+    fails: list[OSError] = []
+    _client, net, _connected, _received = _threaded_client(settings, "t-net-none", fails)
+    net.start()
+    assert _wait(lambda: len(fails) >= 2)  # it keeps retrying, with backoff
+    assert all(isinstance(exc, ConnectionRefusedError) for exc in fails)
+    assert net.stop(5)  # and stops at once, not after its backoff

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -60,6 +61,7 @@ from mqfleet.store.engine import create_store_engine, describe_url, upgrade
 from mqfleet.transport import (
     AUTH_FAILURE_CODES,
     Backoff,
+    PahoNetworkThread,
     connect_properties,
     paho_client,
     set_nodelay,
@@ -171,6 +173,7 @@ class Collector:
         self._fatal: asyncio.Future[MqfleetError] | None = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqfleet-db")
         self._client: Client | None = None
+        self._net: PahoNetworkThread | None = None
         self._writer: StoreWriter | None = None
         self._stopping = False
         #: Set while connected and subscribed (SUBACK received); for tests and probes.
@@ -239,12 +242,8 @@ class Collector:
         )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
-        # paho's own backoff doubles from 1 s to 30 s; one collector cannot cause a
-        # reconnect storm, so its lack of jitter does not matter here.
-        client.reconnect_delay_set(1, 30)
         props = connect_properties(
             settings, session_expiry_s=SESSION_EXPIRY_S, receive_maximum=settings.receive_maximum
         )
@@ -257,7 +256,14 @@ class Collector:
             )
         else:  # 3.1.1: clean_session=False was set when the client was made
             client.connect_async(broker.host, broker.port, settings.keepalive_s)
-        client.loop_start()
+        # Our own network thread rather than loop_start(): see PahoNetworkThread.
+        self._net = PahoNetworkThread(
+            client,
+            name="mqfleet-mqtt",
+            backoff=Backoff(initial_s=1.0, maximum_s=30.0),
+            on_connect_fail=self._on_connect_fail,
+        )
+        self._net.start()
         log.info("collector %s connecting to %s", settings.collector_id, broker)
         return client
 
@@ -285,11 +291,13 @@ class Collector:
                     f"broker {self.settings.broker} refused the collector: {reason_code}"
                 )
                 self._stopping = True  # what follows is not a lost connection
-                client.disconnect()  # stop paho from retrying with the same credentials
+                self._stop_network()  # retrying with the same credentials cannot help
+                client.disconnect()
                 self._raise_fatal(err)
             elif reason_code.value == UNSUPPORTED_PROTOCOL_VERSION:
                 # A 3.1.1-only broker (nats-server, older RabbitMQ): retrying cannot help.
                 self._stopping = True
+                self._stop_network()
                 client.disconnect()
                 self._raise_fatal(
                     ConfigError(
@@ -386,8 +394,12 @@ class Collector:
         else:
             self.ready.set()
 
-    def _on_connect_fail(self, _client: Client, _userdata: object) -> None:
-        log.warning("cannot reach broker %s; retrying", self.settings.broker)
+    def _stop_network(self) -> None:
+        if self._net is not None:
+            self._net.request_stop()
+
+    def _on_connect_fail(self, exc: OSError) -> None:
+        log.warning("cannot reach broker %s (%s); retrying", self.settings.broker, exc)
 
     def _on_message(self, _client: Client, _userdata: object, message: MQTTMessage) -> None:
         # Runs on paho's network thread for every message, and that thread is the
@@ -603,45 +615,42 @@ class Collector:
     # -- shutdown -------------------------------------------------------------------
     async def _shutdown(self, engine: Engine) -> None:
         self._stopping = True
-        client = self._client
-        stopped = False
+        client, net = self._client, self._net
         try:
             async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
                 await self._final_flush()
                 if client is not None:
                     await self._say_goodbye(client)
-                    stopped = True
         except TimeoutError:
             log.warning(
                 "shutdown took longer than %.0fs; the broker will redeliver the rest",
                 SHUTDOWN_TIMEOUT_S,
             )
         finally:
-            if client is not None:
-                if not stopped:
-                    await asyncio.to_thread(client.loop_stop)
-                # With the network thread gone this sends DISCONNECT from here. A normal
-                # DISCONNECT keeps our session (messages queue for us) and no Will fires.
+            if client is not None and net is not None:
+                # A normal DISCONNECT keeps our session (messages queue for us) and no
+                # Will fires. The network thread writes what is queued, DISCONNECT last.
                 client.disconnect()
+                if not await asyncio.to_thread(net.stop, SHUTDOWN_TIMEOUT_S):
+                    log.warning("the MQTT connection did not close in time")
             self._db.shutdown(wait=True)
             engine.dispose()
             log.info("collector stopped")
 
     async def _say_goodbye(self, client: Client) -> None:
-        """Publish offline (retained) and let paho's thread end once it is acknowledged."""
-        # loop_stop() makes paho's thread exit as soon as nothing is left to send or
-        # acknowledge; our offline status and the last acks are among those, so they go
-        # out first. Publishing wakes the thread from its 1 s select at once.
-        stopper = asyncio.ensure_future(asyncio.to_thread(client.loop_stop))
-        await asyncio.sleep(0.05)  # let loop_stop raise its flag before we wake the thread
+        """Publish offline (retained) and wait for its PUBACK (the last acks go before it)."""
         if client.is_connected():
-            client.publish(
+            info = client.publish(
                 self._topics.collector_status(),
                 self._status_payload("offline", REASON_SHUTDOWN),
                 qos=1,
                 retain=True,
             )
-        await asyncio.shield(stopper)
+            # Bounded by _shutdown's timeout; stops waiting if the connection drops.
+            while info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.is_connected():
+                if info.is_published():
+                    return
+                await asyncio.sleep(0.005)
 
     async def _final_flush(self) -> None:
         writer = self._writer
