@@ -89,6 +89,30 @@ def test_default_config_file_is_read_when_present() -> None:
     assert load_settings().node_id == "from-default-file"
 
 
+@pytest.mark.parametrize("value", [None, "", "relative/dir"])
+def test_default_dirs_follow_xdg_home_when_unset_or_invalid(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str | None
+) -> None:
+    # XDG Base Directory rules: an unset, empty or relative $XDG_*_HOME is ignored.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for variable in ("XDG_DATA_HOME", "XDG_CONFIG_HOME"):
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, value)
+    assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "mqfleet"
+    assert default_config_file() == tmp_path / "home" / ".config" / "mqfleet" / "config.toml"
+
+
+def test_default_dirs_use_absolute_xdg_dirs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "conf"))
+    assert default_data_dir() == tmp_path / "data" / "mqfleet"
+    assert default_config_file() == tmp_path / "conf" / "mqfleet" / "config.toml"
+
+
 def test_missing_config_file_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MQFLEET_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(ConfigError, match=r"config file not found: .*nope\.toml.*MQFLEET_CONFIG"):

@@ -68,18 +68,29 @@ _INT_TEXT: Final = re.compile(r"[+-]?\d+(?:_\d+)*(?:\.0*)?")
 _ERROR_PATH: Final = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>.*)`$")
 
 
+def _xdg_base_dir(variable: str, fallback: str) -> Path:
+    """Return an XDG base directory: ``$variable`` if it is an absolute path, else ``fallback``.
+
+    The XDG Base Directory rules, as platformdirs applies them on Linux (a relative or
+    empty value is invalid and ignored). mqfleet runs on Linux, and this is the whole of
+    what it needed from platformdirs, whose import cost every agent about 0.5 MiB of
+    its 30 MiB budget (docs/BENCHMARKS.md).
+    """
+    value = Path(os.environ.get(variable, ""))
+    if value.is_absolute():
+        return value
+    # Unlike Path.expanduser, this leaves "~" as is (no RuntimeError) when no home is known.
+    return Path(os.path.expanduser(fallback))  # noqa: PTH111
+
+
 def default_data_dir() -> Path:
     """Directory for the default SQLite database and the agent's state."""
-    from platformdirs import user_data_path  # noqa: PLC0415 - keep CLI start-up lean
-
-    return user_data_path(APP_NAME, appauthor=False)
+    return _xdg_base_dir("XDG_DATA_HOME", "~/.local/share") / APP_NAME
 
 
 def default_config_file() -> Path:
     """Return the config file used when neither ``--config`` nor ``$MQFLEET_CONFIG`` is set."""
-    from platformdirs import user_config_path  # noqa: PLC0415 - keep CLI start-up lean
-
-    return user_config_path(APP_NAME, appauthor=False) / "config.toml"
+    return _xdg_base_dir("XDG_CONFIG_HOME", "~/.config") / APP_NAME / "config.toml"
 
 
 def _default_database_url() -> str:
