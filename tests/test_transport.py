@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import socket
 import sys
@@ -20,6 +21,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from mqfleet.errors import AuthenticationError, BrokerError
 from mqfleet.transport import (
     Backoff,
+    BufferedSocket,
     MqttClient,
     PahoNetworkThread,
     aiomqtt_client,
@@ -32,7 +34,7 @@ from mqfleet.transport import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from paho.mqtt.client import Client
 
@@ -281,9 +283,9 @@ async def test_unreachable_broker_is_a_broker_error(make_settings: Callable[...,
 
 
 def _threaded_client(
-    settings: Settings, client_id: str, fails: list[OSError]
+    settings: Settings, client_id: str, fails: list[OSError], *, buffered: bool = True
 ) -> tuple[Client, PahoNetworkThread, threading.Event, list[bytes]]:
-    client = paho_client(settings, client_id=client_id)
+    client = paho_client(settings, client_id=client_id, buffered=buffered)
     connected = threading.Event()
     received: list[bytes] = []
 
@@ -315,15 +317,25 @@ def _wait(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "plain-socket"])
 def test_network_thread_carries_publishes_from_other_threads(
-    mosquitto: LocalBroker, make_settings: Callable[..., Settings]
+    mosquitto: LocalBroker,
+    make_settings: Callable[..., Settings],
+    buffered: bool,  # noqa: FBT001 (a pytest parameter)
 ) -> None:
     settings = make_settings(broker_url=mosquitto.url)
     fails: list[OSError] = []
-    client, net, connected, received = _threaded_client(settings, "t-net", fails)
+    client, net, connected, received = _threaded_client(settings, "t-net", fails, buffered=buffered)
     net.start()
     try:
         assert connected.wait(10)
+        sock = client.socket()
+        # The private hook BufferedPahoClient overrides is still called by paho.
+        assert isinstance(sock, BufferedSocket) is buffered
+        raw = sock.raw if isinstance(sock, BufferedSocket) else sock
+        if buffered:
+            assert isinstance(raw, socket.socket)
+            assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         # Published from this thread and from another one: only the network thread
         # writes, woken by the registered write.
         infos = [client.publish("t/echo", b"main", qos=1)]
@@ -379,3 +391,92 @@ def test_network_thread_stops_while_the_broker_is_unreachable(
     assert _wait(lambda: len(fails) >= 2)  # it keeps retrying, with backoff
     assert all(isinstance(exc, ConnectionRefusedError) for exc in fails)
     assert net.stop(5)  # and stops at once, not after its backoff
+
+
+# -- BufferedSocket ------------------------------------------------------------------
+
+
+@pytest.fixture
+def socket_pair() -> Iterator[tuple[BufferedSocket, socket.socket]]:
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)  # noqa: FBT003 (socket's API)
+    buffered = BufferedSocket(ours)
+    yield buffered, peer
+    for sock in (ours, peer):
+        sock.close()
+
+
+def test_buffered_socket_serves_small_reads_from_one_large_read(
+    socket_pair: tuple[BufferedSocket, socket.socket],
+) -> None:
+    buffered, peer = socket_pair
+    with pytest.raises(BlockingIOError):
+        buffered.recv(1)  # nothing yet: paho retries when select() says readable
+    peer.sendall(b"\x30\x05hello\x40\x02")
+    time.sleep(0.05)
+    assert buffered.recv(1) == b"\x30"
+    assert buffered.pending() == 8  # read at once, though paho asked for one byte
+    assert buffered.recv(1) == b"\x05"
+    assert buffered.recv(5) == b"hello"
+    assert buffered.recv(10) == b"\x40\x02"  # never more than what was read
+    assert buffered.pending() == 0
+    peer.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    assert buffered.recv(1) == b""  # the broker closed: paho sees the connection lost
+
+
+def test_buffered_socket_writes_only_on_flush(
+    socket_pair: tuple[BufferedSocket, socket.socket],
+) -> None:
+    buffered, peer = socket_pair
+    peer.setblocking(False)  # noqa: FBT003
+    assert buffered.send(b"\x40\x02\x00\x01") == 4
+    assert buffered.send(bytearray(b"\x40\x02\x00\x02")) == 4
+    assert buffered.has_output()
+    with pytest.raises(BlockingIOError):
+        peer.recv(100)
+    assert buffered.flush()
+    assert not buffered.has_output()
+    time.sleep(0.05)
+    assert peer.recv(100) == b"\x40\x02\x00\x01\x40\x02\x00\x02"  # in order, together
+
+
+def test_buffered_socket_keeps_what_a_full_socket_does_not_take(
+    socket_pair: tuple[BufferedSocket, socket.socket],
+) -> None:
+    buffered, peer = socket_pair
+    data = os.urandom(4 * 1024 * 1024)
+    buffered.send(data)
+    assert not buffered.flush()  # the kernel's buffers are full; the rest waits
+    assert buffered.has_output()
+    received = bytearray()
+    peer.settimeout(5)
+    while len(received) < len(data):
+        received += peer.recv(1 << 20)
+        buffered.flush()
+    assert bytes(received) == data
+    assert not buffered.has_output()
+
+
+def test_buffered_socket_reports_a_failed_flush_on_the_next_read(
+    socket_pair: tuple[BufferedSocket, socket.socket],
+) -> None:
+    buffered, _peer = socket_pair
+    buffered.raw.close()  # as good as a reset connection: send() fails
+    buffered.send(b"\x40\x02\x00\x01")
+    assert not buffered.flush()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        buffered.recv(1)  # where paho handles a lost connection
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        buffered.send(b"x")
+
+
+def test_buffered_socket_hands_over_its_output_when_closed(
+    socket_pair: tuple[BufferedSocket, socket.socket],
+) -> None:
+    buffered, peer = socket_pair
+    buffered.send(b"\xe0\x00")  # DISCONNECT, written by paho just before close()
+    buffered.close()
+    peer.settimeout(5)
+    assert peer.recv(10) == b"\xe0\x00"
+    assert peer.recv(10) == b""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +17,13 @@ import pytest
 from mqfleet.localbroker import LocalBroker
 from mqfleet.security import PasswordFile, generate_token, render_acl
 from mqfleet.settings import load_settings
-from mqfleet.transport import tls_context
+from mqfleet.transport import (
+    Backoff,
+    BufferedSocket,
+    PahoNetworkThread,
+    paho_client,
+    tls_context,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -96,3 +104,36 @@ def test_secure_example_refuses_anonymous_on_every_listener(tls_broker, mqtt_con
     # The shipped loopback listener was anonymous before; the example closes it too.
     plain = mqtt_connect(broker.host, broker.port, username=None, password=None)
     assert plain.connack == 135
+
+
+def test_buffered_network_thread_over_tls(tls_broker) -> None:
+    # The collector's client (BufferedPahoClient on PahoNetworkThread) over TLS: large
+    # reads of decrypted records, writes flushed per round, both ways.
+    broker, port, ca, token = tls_broker
+    settings = load_settings(broker_url=f"mqtts://node-a:{token}@127.0.0.1:{port}", ca_file=ca)
+    client = paho_client(settings, client_id="node-a", buffered=True)
+    topic = "fleet/v1/nodes/node-a/status"
+    subscribed = threading.Event()
+    received: list[bytes] = []
+    client.on_subscribe = lambda *_args: subscribed.set()
+    client.on_connect = lambda c, *_args: c.subscribe(topic, qos=1)
+    client.on_message = lambda _c, _u, message: received.append(bytes(message.payload))
+    client.connect_async("127.0.0.1", port, keepalive=30)
+    net = PahoNetworkThread(
+        client, name="t-tls", backoff=Backoff(initial_s=0.1), on_connect_fail=lambda _exc: None
+    )
+    net.start()
+    try:
+        assert subscribed.wait(10)
+        assert isinstance(client.socket(), BufferedSocket)
+        payloads = [str(i).encode() * 300 for i in range(300)]  # ~250 KB: many TLS records
+        infos = [client.publish(topic, payload, qos=1) for payload in payloads]
+        deadline = time.monotonic() + 15
+        while len(received) < len(payloads) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert received == payloads
+        assert all(info.is_published() for info in infos)
+    finally:
+        client.disconnect()
+        assert net.stop(10)
+    assert "node-a" in broker.log_text()

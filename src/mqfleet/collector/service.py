@@ -233,7 +233,9 @@ class Collector:
     # -- MQTT -----------------------------------------------------------------------
     def _connect(self) -> Client:
         settings = self.settings
-        client = paho_client(settings, client_id=settings.collector_id, manual_ack=True)
+        client = paho_client(
+            settings, client_id=settings.collector_id, manual_ack=True, buffered=True
+        )
         client.will_set(
             self._topics.collector_status(),
             self._status_payload("offline", REASON_CONNECTION_LOST),
