@@ -2,11 +2,13 @@
 
 Threads, and why:
 
-* paho's network thread reads the socket and calls :meth:`Collector._on_message`, which
-  only appends the message to a deque (no lock, no decoding, no I/O), so the socket is
-  drained at full speed. It is the bottleneck of ingest: paho's own per-message Python
-  work takes most of it, and every other thread's Python work competes with it for the
-  GIL, which is why the database thread's hot path binds rows itself.
+* The network thread (:class:`~mqfleet.transport.PahoNetworkThread`, our own loop over
+  paho's external-loop API, on a buffered socket) reads the socket and calls
+  :meth:`Collector._on_message`, which only appends the message to a deque (no lock,
+  no decoding, no I/O), so the socket is drained at full speed. It is the bottleneck
+  of ingest: paho's own per-message Python work takes most of it, and every other
+  thread's Python work competes with it for the GIL, which is why the database
+  thread's hot path binds rows itself.
 * One database thread (a single-worker executor) decodes and commits batches and runs
   the staleness, expiry and retention queries. A dedicated thread keeps blocking
   SQLite/PostgreSQL calls off the event loop, and a single one means our own writes
