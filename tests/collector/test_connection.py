@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,31 @@ async def test_broker_restart_loses_no_metric(
     await wait_until(
         lambda: rows(db, "SELECT count(*) FROM node_metrics")[0][0] == 100, what="all stored"
     )
+
+
+async def test_collector_waits_for_the_broker_and_stops_at_once_without_one(
+    collector_settings: Callable[..., Settings],
+    mosquitto: LocalBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its own network thread retries with backoff while the broker is down, connects
+    # when it is back, and a stop while the broker is gone again does not wait for it.
+    mosquitto.stop()
+    caplog.set_level(logging.WARNING, logger="mqfleet.collector")
+    collector = Collector(collector_settings())
+    task = asyncio.create_task(collector.run())
+    try:
+        await wait_until(lambda: "cannot reach broker" in caplog.text, what="a retry logged")
+        mosquitto.start()
+        await wait_until(collector.ready.is_set, what="connected once the broker is up")
+        mosquitto.stop()
+        await wait_until(lambda: not collector.ready.is_set(), what="the loss noticed")
+    finally:
+        task.cancel()
+        async with asyncio.timeout(5):  # well under the 10 s shutdown allowance
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    mosquitto.start()  # for the fixture's teardown
 
 
 @pytest.fixture
