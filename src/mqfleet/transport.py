@@ -160,7 +160,8 @@ def paho_client(
 ) -> Client:
     """Build a paho-mqtt client from ``settings``; call :func:`set_nodelay` on connect.
 
-    ``buffered`` makes a :class:`BufferedPahoClient`, for :class:`PahoNetworkThread`.
+    ``buffered`` makes a :class:`BufferedPahoClient`, for :class:`PahoNetworkThread`,
+    which sets TCP_NODELAY itself before CONNECT is sent.
     """
     broker = settings.broker
     v5 = settings.mqtt_version == "5"
@@ -184,8 +185,6 @@ def paho_client(
 def set_nodelay(client: Client) -> None:
     """Disable Nagle's algorithm on a connected paho client's socket."""
     sock = client.socket()
-    if isinstance(sock, BufferedSocket):
-        sock = sock.raw
     if isinstance(sock, socket.socket):
         sock.setsockopt(*NODELAY_OPTION)
 
@@ -371,6 +370,8 @@ class PahoNetworkThread:
 
     #: select() timeout: how late loop_misc (keepalive) may run when nothing happens.
     TICK_S: Final = 1.0
+    #: Packets read in one round before writing (acks) and keepalive get their turn.
+    MAX_READS_PER_ROUND: Final = 1000
 
     def __init__(
         self,
@@ -480,9 +481,6 @@ class PahoNetworkThread:
                 break
             if client.is_connected():
                 self._backoff.reset()
-
-    #: Packets read in one round before writing (acks) and keepalive get their turn.
-    MAX_READS_PER_ROUND: Final = 1000
 
     def _read(self, client: Client, buffered: BufferedSocket | None) -> bool:
         """Read one packet, then every whole one already buffered; False if lost."""

@@ -66,7 +66,6 @@ from mqfleet.transport import (
     PahoNetworkThread,
     connect_properties,
     paho_client,
-    set_nodelay,
 )
 
 if TYPE_CHECKING:
@@ -315,7 +314,6 @@ class Collector:
                     "broker %s refused the connection: %s", self.settings.broker, reason_code
                 )
             return
-        set_nodelay(client)
         with self._lock:
             self._generation += 1
         self._listening_since = utc_now()
@@ -406,7 +404,7 @@ class Collector:
         log.warning("cannot reach broker %s (%s); retrying", self.settings.broker, exc)
 
     def _on_message(self, _client: Client, _userdata: object, message: MQTTMessage) -> None:
-        # Runs on paho's network thread for every message, and that thread is the
+        # Runs on the network thread for every message, and that thread is the
         # collector's bottleneck (it shares the GIL with the database thread): an
         # append, no lock, no decoding. _generation is only changed on this thread.
         try:
